@@ -1,0 +1,271 @@
+//! The one seam through which every byte reaches a device: the [`DeviceIo`] trait, with an
+//! io_uring implementation (a dedicated thread that owns its ring) and a blocking pread/pwrite
+//! thread pool used only where io_uring is denied or when forced by configuration.
+//!
+//! Buffers are passed by value into an operation and handed back with its result, so the kernel
+//! never writes into memory that someone else has freed.
+
+mod blocking;
+mod buf;
+mod uring;
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+pub use buf::{AlignedBuf, IO_ALIGN_BYTES, SharedBuf, align_down, align_up};
+
+use crate::completion::Completion;
+
+/// Which implementation of [`DeviceIo`] to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IoBackendChoice {
+    /// io_uring when the kernel allows it, else the blocking pool (with a log line saying why).
+    #[default]
+    Auto,
+    /// io_uring or an error.
+    Uring,
+    /// The blocking pread/pwrite pool.
+    Blocking,
+}
+
+/// Which implementation a device actually uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoBackendKind {
+    /// io_uring, one ring per device owned by the device's I/O thread.
+    Uring,
+    /// pread/pwrite on a thread pool.
+    Blocking,
+}
+
+impl std::fmt::Display for IoBackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoBackendKind::Uring => "io_uring",
+            IoBackendKind::Blocking => "blocking",
+        })
+    }
+}
+
+/// Tunables of the I/O backends.
+#[derive(Clone, Debug)]
+pub struct IoOptions {
+    /// Which backend to use.
+    pub backend: IoBackendChoice,
+    /// Submission-queue entries of each ring (and the cap on operations in flight per device).
+    pub ring_entries: u32,
+    /// Threads serving reads in the blocking backend (its effective queue depth).
+    pub blocking_read_threads: usize,
+}
+
+impl Default for IoOptions {
+    fn default() -> Self {
+        IoOptions {
+            backend: IoBackendChoice::Auto,
+            ring_entries: 256,
+            blocking_read_threads: 16,
+        }
+    }
+}
+
+/// Bytes to write: a range of a shared buffer, kept alive until the write completes.
+#[derive(Debug, Clone)]
+pub struct WriteSource {
+    /// The buffer holding the bytes.
+    pub buf: Arc<SharedBuf>,
+    /// Start of the range within `buf` (a multiple of 4096).
+    pub start: usize,
+    /// Length of the range (a multiple of 4096).
+    pub len: usize,
+}
+
+/// Positioned, direct I/O on one device. Offsets, lengths and buffer addresses are multiples of
+/// [`IO_ALIGN_BYTES`]. Short transfers are completed internally; errors are returned as is.
+pub trait DeviceIo: Send + Sync + std::fmt::Debug {
+    /// Which implementation this is.
+    fn kind(&self) -> IoBackendKind;
+
+    /// Reads `len` bytes at `offset` into the start of `buf`; hands the buffer back.
+    fn read(&self, offset: u64, buf: AlignedBuf, len: usize) -> Completion<io::Result<AlignedBuf>>;
+
+    /// Writes `src` at `offset`.
+    fn write(&self, offset: u64, src: WriteSource) -> Completion<io::Result<()>>;
+
+    /// Makes every completed write durable (fdatasync).
+    fn sync(&self) -> Completion<io::Result<()>>;
+}
+
+/// Opens the I/O backend for an already opened (O_DIRECT) device file.
+pub fn open_backend(file: File, options: &IoOptions, label: &str) -> io::Result<Arc<dyn DeviceIo>> {
+    let file = Arc::new(file);
+    match options.backend {
+        IoBackendChoice::Blocking => {
+            tracing::info!(
+                device = label,
+                "blocking pread/pwrite I/O forced by configuration"
+            );
+            Ok(Arc::new(blocking::BlockingIo::new(
+                file,
+                options.blocking_read_threads,
+                label,
+            )?))
+        }
+        IoBackendChoice::Uring => Ok(Arc::new(uring::UringIo::new(
+            file,
+            options.ring_entries,
+            label,
+        )?)),
+        IoBackendChoice::Auto => {
+            match uring::UringIo::new(file.clone(), options.ring_entries, label) {
+                Ok(io) => Ok(Arc::new(io)),
+                Err(e) if uring::is_denied(&e) => {
+                    tracing::warn!(
+                        device = label,
+                        error = %e,
+                        "io_uring is not available here (denied by the kernel or a seccomp filter); \
+                         falling back to blocking pread/pwrite I/O"
+                    );
+                    Ok(Arc::new(blocking::BlockingIo::new(
+                        file,
+                        options.blocking_read_threads,
+                        label,
+                    )?))
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// Rejects an operation whose offset or length is not a multiple of [`IO_ALIGN_BYTES`]: some
+/// filesystems silently fall back to buffered I/O for misaligned direct I/O instead of failing.
+pub(crate) fn check_alignment(offset: u64, len: usize) -> io::Result<()> {
+    if offset % IO_ALIGN_BYTES as u64 != 0 || len % IO_ALIGN_BYTES != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "direct I/O of {len} bytes at offset {offset} is not aligned to {IO_ALIGN_BYTES} bytes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn canceled_error() -> io::Error {
+    io::Error::other("the device I/O thread stopped before completing the operation")
+}
+
+/// Waits for a completion from a blocking context, mapping cancellation to an I/O error.
+pub fn wait_io<T>(c: Completion<io::Result<T>>) -> io::Result<T> {
+    c.wait().unwrap_or_else(|_| Err(canceled_error()))
+}
+
+/// Awaits a completion, mapping cancellation to an I/O error.
+pub async fn await_io<T>(c: Completion<io::Result<T>>) -> io::Result<T> {
+    c.await.unwrap_or_else(|_| Err(canceled_error()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    fn open_direct(path: &std::path::Path) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .unwrap()
+    }
+
+    /// The same write-then-read check on every backend (foyer's habit).
+    #[test]
+    fn write_read_sync_on_every_backend() {
+        for backend in [IoBackendChoice::Uring, IoBackendChoice::Blocking] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("dev");
+            let file = open_direct(&path);
+            file.set_len(1 << 20).unwrap();
+            let io = open_backend(
+                file,
+                &IoOptions {
+                    backend,
+                    ..IoOptions::default()
+                },
+                "test",
+            )
+            .unwrap();
+            let mut data = AlignedBuf::zeroed(64 * 1024);
+            for (i, b) in data.as_mut_slice().iter_mut().enumerate() {
+                *b = (i % 251) as u8;
+            }
+            let src = WriteSource {
+                buf: Arc::new(SharedBuf::new(data)),
+                start: 4096,
+                len: 32 * 1024,
+            };
+            wait_io(io.write(8192, src)).unwrap();
+            wait_io(io.sync()).unwrap();
+            let back = wait_io(io.read(8192, AlignedBuf::zeroed(32 * 1024), 32 * 1024)).unwrap();
+            for (i, b) in back.as_slice().iter().enumerate() {
+                assert_eq!(*b, ((i + 4096) % 251) as u8, "{backend:?} byte {i}");
+            }
+            // Many concurrent reads complete, each with its own buffer.
+            let pending: Vec<_> = (0..64)
+                .map(|_| io.read(8192, AlignedBuf::zeroed(4096), 4096))
+                .collect();
+            for p in pending {
+                assert_eq!(wait_io(p).unwrap().as_slice()[0], (4096 % 251) as u8);
+            }
+            // A read past the end of the file is an error, not silent zeros.
+            assert!(wait_io(io.read(2 << 20, AlignedBuf::zeroed(4096), 4096)).is_err());
+        }
+    }
+
+    #[test]
+    fn misaligned_io_is_an_error() {
+        for backend in [IoBackendChoice::Uring, IoBackendChoice::Blocking] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = open_direct(&dir.path().join("dev"));
+            file.set_len(1 << 20).unwrap();
+            let io = open_backend(
+                file,
+                &IoOptions {
+                    backend,
+                    ..IoOptions::default()
+                },
+                "test",
+            )
+            .unwrap();
+            let r = wait_io(io.read(100, AlignedBuf::zeroed(4096), 4096));
+            assert_eq!(
+                r.unwrap_err().kind(),
+                std::io::ErrorKind::InvalidInput,
+                "{backend:?} offset"
+            );
+            let r = wait_io(io.read(0, AlignedBuf::zeroed(4096), 1000));
+            assert_eq!(
+                r.unwrap_err().kind(),
+                std::io::ErrorKind::InvalidInput,
+                "{backend:?} length"
+            );
+            let buf = Arc::new(SharedBuf::new(AlignedBuf::zeroed(8192)));
+            let r = wait_io(io.write(
+                0,
+                WriteSource {
+                    buf,
+                    start: 512,
+                    len: 4096,
+                },
+            ));
+            assert_eq!(
+                r.unwrap_err().kind(),
+                std::io::ErrorKind::InvalidInput,
+                "{backend:?} buffer"
+            );
+        }
+    }
+}
