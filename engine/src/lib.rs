@@ -5,8 +5,27 @@
 //! record versions (generation, last-update time) so a replication layer can apply a version
 //! decided elsewhere identically on every replica.
 
+pub mod blocks;
+pub mod clock;
 pub mod completion;
+pub mod config;
+pub mod device;
+mod engine;
 pub mod error;
 pub mod format;
 pub mod io;
+mod ops;
+pub mod policy;
+mod read;
 pub mod record;
+pub mod recovery;
+mod sets;
+pub mod writer;
+
+pub use config::{DeviceSpec, EngineConfig};
+pub use engine::{DeviceStats, Engine, EngineStats, device_for};
+pub use error::{Error, Result};
+pub use ops::{Applied, Change, Existing, TTL_SECONDS_MAX};
+pub use peregrine_index::{Digest, Entry, KeyRef, PartitionId};
+pub use policy::{BinSelection, GenerationPolicy, RecordExists, Ttl, WritePolicy};
+pub use record::{Bin, BinName, Record, RecordMeta, RecordVersion, StoredKey, Value};

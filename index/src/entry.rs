@@ -48,7 +48,7 @@ impl Location {
     /// Whether the fields fit the packed form.
     pub fn is_valid(&self) -> bool {
         usize::from(self.device) < DEVICES_MAX
-            && self.offset % LOCATION_ALIGN_BYTES == 0
+            && self.offset.is_multiple_of(LOCATION_ALIGN_BYTES)
             && self.offset < DEVICE_BYTES_MAX
             && u64::from(self.size) % LOCATION_ALIGN_BYTES == 0
             && self.size >= LOCATION_ALIGN_BYTES as u32

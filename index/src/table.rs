@@ -129,7 +129,7 @@ impl PartitionTable {
             Some(a) => self.iter().filter(|e| e.digest > *a).collect(),
             None => self.iter().collect(),
         };
-        out.sort_unstable_by(|a, b| a.digest.cmp(&b.digest));
+        out.sort_unstable_by_key(|a| a.digest);
         out
     }
 
@@ -261,7 +261,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             let d = keys[(state >> 33) as usize % keys.len()];
             let generation = (step % 65535 + 1) as u16;
-            if (state >> 20) % 3 == 0 {
+            if (state >> 20).is_multiple_of(3) {
                 assert_eq!(table.remove(&d).map(|e| e.generation), model.remove(&d));
             } else {
                 assert_eq!(

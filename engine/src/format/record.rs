@@ -458,7 +458,7 @@ mod tests {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
             let i = HEADER_BYTES + (state >> 33) as usize % (buf.len() - HEADER_BYTES);
             buf[i] = (state >> 20) as u8;
-            if state % 7 == 0 {
+            if state.is_multiple_of(7) {
                 buf[BIN_COUNT.offset] = (state >> 40) as u8;
             }
             seal(&mut buf, 0);

@@ -140,7 +140,7 @@ pub fn open_backend(file: File, options: &IoOptions, label: &str) -> io::Result<
 /// Rejects an operation whose offset or length is not a multiple of [`IO_ALIGN_BYTES`]: some
 /// filesystems silently fall back to buffered I/O for misaligned direct I/O instead of failing.
 pub(crate) fn check_alignment(offset: u64, len: usize) -> io::Result<()> {
-    if offset % IO_ALIGN_BYTES as u64 != 0 || len % IO_ALIGN_BYTES != 0 {
+    if !offset.is_multiple_of(IO_ALIGN_BYTES as u64) || !len.is_multiple_of(IO_ALIGN_BYTES) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(

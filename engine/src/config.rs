@@ -1,0 +1,165 @@
+//! Engine configuration: the namespace, its devices, and every tunable, with units in the names
+//! and the defaults a user gets without configuring anything.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use peregrine_index::{DEVICE_BYTES_MAX, DEVICES_MAX};
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::format::{
+    DATA_OFFSET_BYTES, WRITE_BLOCK_BYTES_MAX, WRITE_BLOCK_BYTES_MIN, block_header, device_header,
+};
+use crate::io::IoOptions;
+
+/// Fewest write blocks a device may have.
+pub const BLOCKS_PER_DEVICE_MIN: u64 = 4;
+
+/// One device of the namespace.
+#[derive(Clone, Debug)]
+pub struct DeviceSpec {
+    /// A block device or a regular file.
+    pub path: PathBuf,
+    /// For files: the size to create the file with when it does not exist (it is written
+    /// through with zeros once). Ignored for block devices, which are used whole.
+    pub file_size_bytes: Option<u64>,
+}
+
+/// Configuration of one namespace's engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Namespace name (1 to 31 bytes).
+    pub namespace: String,
+    /// The namespace's devices, in a fixed order (records are spread by digest).
+    pub devices: Vec<DeviceSpec>,
+    /// Write block size: a power of two from 128 KiB to 8 MiB.
+    pub write_block_bytes: u32,
+    /// Largest record accepted (serialized size), at most the write block minus its header.
+    pub max_record_bytes: u32,
+    /// A partly filled write block is flushed after this long (0 = only when full).
+    pub flush_interval_ms: u64,
+    /// `put` returns only once the record is durable (group commit with fdatasync).
+    pub commit_to_device: bool,
+    /// Recently written blocks kept in memory to serve reads, per device.
+    pub post_write_cache_bytes: u64,
+    /// Device writes are issued in pieces of at most this size, so reads are not starved.
+    pub write_chunk_bytes: u32,
+    /// At most this many write pieces in flight per device.
+    pub write_queue_depth: u32,
+    /// Full write blocks waiting for the device beyond this many bytes make writes fail fast
+    /// with "device overload" instead of growing memory.
+    pub max_write_queue_bytes: u64,
+    /// TTL applied when a write asks for the namespace default (0 = never expire).
+    pub default_ttl_s: u32,
+    /// Reformat devices that hold foreign or mismatched data (destroys it). Blank devices are
+    /// always formatted.
+    pub format_foreign_devices: bool,
+    /// How long to wait for a device held by another process before failing with "device in
+    /// use" (a killed process releases its devices a few milliseconds after it dies).
+    pub device_lock_wait_ms: u64,
+    /// I/O backend choice and tunables.
+    pub io: IoOptions,
+    /// Time source.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl EngineConfig {
+    /// Defaults for a namespace stored on `devices`.
+    pub fn new(namespace: impl Into<String>, devices: Vec<DeviceSpec>) -> EngineConfig {
+        EngineConfig {
+            namespace: namespace.into(),
+            devices,
+            write_block_bytes: WRITE_BLOCK_BYTES_MAX,
+            max_record_bytes: 1024 * 1024,
+            flush_interval_ms: 1000,
+            commit_to_device: false,
+            post_write_cache_bytes: 64 * 1024 * 1024,
+            write_chunk_bytes: 128 * 1024,
+            write_queue_depth: 2,
+            max_write_queue_bytes: 64 * 1024 * 1024,
+            default_ttl_s: 0,
+            format_foreign_devices: false,
+            device_lock_wait_ms: 2000,
+            io: IoOptions::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// A single file device of `size_bytes` at `path`.
+    pub fn single_file(
+        namespace: impl Into<String>,
+        path: impl Into<PathBuf>,
+        size_bytes: u64,
+    ) -> EngineConfig {
+        EngineConfig::new(
+            namespace,
+            vec![DeviceSpec {
+                path: path.into(),
+                file_size_bytes: Some(size_bytes),
+            }],
+        )
+    }
+
+    /// Checks every limit; returns a message naming the offending setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.namespace.is_empty() || self.namespace.len() > device_header::NAMESPACE_BYTES_MAX {
+            return bad(format!(
+                "namespace name must be 1 to {} bytes",
+                device_header::NAMESPACE_BYTES_MAX
+            ));
+        }
+        if self.devices.is_empty() || self.devices.len() > DEVICES_MAX {
+            return bad(format!(
+                "a namespace needs 1 to {DEVICES_MAX} devices, got {}",
+                self.devices.len()
+            ));
+        }
+        let wbs = self.write_block_bytes;
+        if !(WRITE_BLOCK_BYTES_MIN..=WRITE_BLOCK_BYTES_MAX).contains(&wbs) || !wbs.is_power_of_two()
+        {
+            return bad(format!(
+                "write_block_bytes must be a power of two from {WRITE_BLOCK_BYTES_MIN} to {WRITE_BLOCK_BYTES_MAX}, got {wbs}"
+            ));
+        }
+        let record_max = wbs as usize - block_header::BYTES;
+        if self.max_record_bytes < 1024 || self.max_record_bytes as usize > record_max {
+            return bad(format!(
+                "max_record_bytes must be from 1024 to write_block_bytes - {} = {record_max}, got {}",
+                block_header::BYTES,
+                self.max_record_bytes
+            ));
+        }
+        if !self.write_chunk_bytes.is_power_of_two()
+            || self.write_chunk_bytes < 4096
+            || self.write_chunk_bytes > wbs
+        {
+            return bad(format!(
+                "write_chunk_bytes must be a power of two from 4096 to write_block_bytes, got {}",
+                self.write_chunk_bytes
+            ));
+        }
+        if self.write_queue_depth == 0 || self.write_queue_depth > 64 {
+            return bad(format!(
+                "write_queue_depth must be 1 to 64, got {}",
+                self.write_queue_depth
+            ));
+        }
+        if self.max_write_queue_bytes < u64::from(wbs) {
+            return bad("max_write_queue_bytes must hold at least one write block".into());
+        }
+        for d in &self.devices {
+            if let Some(size) = d.file_size_bytes {
+                let min = DATA_OFFSET_BYTES + BLOCKS_PER_DEVICE_MIN * u64::from(wbs);
+                if size < min || size > DEVICE_BYTES_MAX {
+                    return bad(format!(
+                        "device {} size {size} must be from {min} ({BLOCKS_PER_DEVICE_MIN} write blocks plus the 1 MiB header) to {DEVICE_BYTES_MAX} bytes",
+                        d.path.display()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

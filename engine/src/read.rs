@@ -1,0 +1,181 @@
+//! The read path: index entry → the record's bytes from a write block still in memory, or with
+//! exactly one aligned device read → verification (checksum seeded by the block sequence,
+//! digest, generation, extent). A record that moved while it was being read (overwritten, its
+//! block defragmented or reused) is looked up again; bytes that fail verification while the
+//! index still points at them are reported as corruption and never returned.
+
+use std::sync::atomic::Ordering;
+
+use peregrine_index::Entry;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::format::record::{self, Defect, RecordView};
+use crate::io::{AlignedBuf, IO_ALIGN_BYTES, align_down, align_up, await_io};
+
+/// How often a read follows a record that keeps moving before giving up.
+const READ_ATTEMPTS_MAX: usize = 8;
+
+/// A record's verified bytes.
+#[derive(Debug)]
+pub(crate) enum RecordBytes {
+    Memory {
+        bytes: Vec<u8>,
+        sequence: u64,
+    },
+    Device {
+        buf: AlignedBuf,
+        start: usize,
+        len: usize,
+        sequence: u64,
+    },
+}
+
+impl RecordBytes {
+    fn bytes_and_sequence(&self) -> (&[u8], u64) {
+        match self {
+            RecordBytes::Memory { bytes, sequence } => (bytes, *sequence),
+            RecordBytes::Device {
+                buf,
+                start,
+                len,
+                sequence,
+            } => (&buf.as_slice()[*start..*start + *len], *sequence),
+        }
+    }
+
+    /// The verified record view.
+    pub(crate) fn view(&self) -> RecordView<'_> {
+        let (bytes, sequence) = self.bytes_and_sequence();
+        match record::parse(bytes, sequence) {
+            Ok(v) => v,
+            // Verified in `read_once`; the bytes are immutable since.
+            Err(d) => unreachable!("verified record failed to parse again: {d}"),
+        }
+    }
+}
+
+enum Attempt {
+    Ok(RecordBytes),
+    Defect(String),
+}
+
+impl Engine {
+    /// Reads and verifies the version `entry` points at, following it if it moves.
+    pub(crate) async fn read_entry_bytes(&self, entry: &Entry) -> Result<RecordBytes> {
+        let mut entry = *entry;
+        for _ in 0..READ_ATTEMPTS_MAX {
+            let detail = match self.read_once(&entry).await? {
+                Attempt::Ok(bytes) => return Ok(bytes),
+                Attempt::Defect(detail) => detail,
+            };
+            match self.inner.index.get(&entry.digest) {
+                Some(now)
+                    if now.location == entry.location && now.generation == entry.generation =>
+                {
+                    self.inner
+                        .counters
+                        .corruption_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    let device = self
+                        .inner
+                        .devices
+                        .get(usize::from(entry.location.device))
+                        .map_or_else(
+                            || format!("#{}", entry.location.device),
+                            |d| d.label.clone(),
+                        );
+                    tracing::error!(%device, offset = entry.location.offset, digest = %entry.digest, %detail, "corrupt record");
+                    return Err(Error::Corruption {
+                        device,
+                        offset: entry.location.offset,
+                        detail,
+                    });
+                }
+                Some(now) if !now.is_tombstone() => {
+                    self.inner
+                        .counters
+                        .read_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    entry = now;
+                }
+                _ => return Err(Error::NotFound),
+            }
+        }
+        Err(Error::KeyBusy)
+    }
+
+    async fn read_once(&self, entry: &Entry) -> Result<Attempt> {
+        let loc = entry.location;
+        let Some(dev) = self.inner.devices.get(usize::from(loc.device)) else {
+            return Ok(Attempt::Defect(format!(
+                "index names device {} which does not exist",
+                loc.device
+            )));
+        };
+        let g = *dev.writer.geometry();
+        let (block, offset) = g.split(loc.offset);
+        let size = loc.size as usize;
+        if let Some(mem) = dev.writer.mem_block(block) {
+            let mut bytes = vec![0u8; size];
+            mem.buf.read_at(offset as usize, &mut bytes);
+            self.inner
+                .counters
+                .memory_reads
+                .fetch_add(1, Ordering::Relaxed);
+            let got = RecordBytes::Memory {
+                bytes,
+                sequence: mem.sequence,
+            };
+            return Ok(check(got, entry));
+        }
+        let sequence = dev.writer.blocks().sequence(block);
+        let align = IO_ALIGN_BYTES as u64;
+        let start = align_down(loc.offset, align);
+        let end = align_up(loc.offset + loc.size as u64, align);
+        let len = (end - start) as usize;
+        let buf = await_io(dev.io.read(start, AlignedBuf::zeroed(len), len))
+            .await
+            .map_err(|e| Error::io(format!("reading {} at {}", dev.label, loc.offset), e))?;
+        self.inner
+            .counters
+            .device_reads
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .device_read_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        let got = RecordBytes::Device {
+            buf,
+            start: (loc.offset - start) as usize,
+            len: size,
+            sequence,
+        };
+        Ok(check(got, entry))
+    }
+}
+
+/// Verifies bytes against the entry that pointed at them.
+fn check(got: RecordBytes, entry: &Entry) -> Attempt {
+    let (bytes, sequence) = got.bytes_and_sequence();
+    let problem = match record::parse(bytes, sequence) {
+        Err(Defect::Checksum) => Some("checksum mismatch".to_string()),
+        Err(d) => Some(d.to_string()),
+        Ok(view) if view.digest() != entry.digest => {
+            Some(format!("found digest {} instead", view.digest()))
+        }
+        Ok(view) if view.meta().generation != entry.generation => Some(format!(
+            "found generation {} instead of {}",
+            view.meta().generation,
+            entry.generation
+        )),
+        Ok(view) if view.extent() != entry.location.size as usize => {
+            Some("record extent differs from the index".into())
+        }
+        Ok(_) => None,
+    };
+    match problem {
+        None => Attempt::Ok(got),
+        Some(detail) => Attempt::Defect(detail),
+    }
+}

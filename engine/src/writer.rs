@@ -1,0 +1,663 @@
+//! The write path of one device: records are appended to the open write block's buffer (the
+//! index is repointed by the caller as soon as `append` returns), full blocks are sealed and
+//! queued, and a flusher thread writes them to the device in bounded pieces at a bounded depth
+//! so reads are not starved. A partly filled block is flushed after `flush_interval_ms`, and at
+//! once when a `commit_to_device` writer is waiting (group commit: every writer that arrived
+//! meanwhile shares the same device write and fdatasync).
+//!
+//! Only the flusher thread writes to the device and only it rewrites block headers in buffers.
+//! Flushed blocks stay in memory as the post-write cache.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use peregrine_index::Location;
+
+use crate::blocks::{BlockTable, WritePos, write_pos};
+use crate::clock::Clock;
+use crate::completion::{Completer, Completion, completion};
+use crate::error::{Error, Result};
+use crate::format::{block_header, record};
+use crate::io::{
+    AlignedBuf, DeviceIo, IO_ALIGN_BYTES, SharedBuf, WriteSource, align_down, align_up, wait_io,
+};
+
+/// Buffers kept for reuse after leaving the post-write cache.
+const BUFFER_POOL_MAX: usize = 4;
+
+/// A write block held in memory: open, sealed and waiting, or in the post-write cache.
+#[derive(Debug)]
+pub struct MemBlock {
+    /// Block index on the device.
+    pub index: u32,
+    /// The block's sequence number (seeds its record checksums).
+    pub sequence: u64,
+    /// The block's bytes (shared with in-flight device writes).
+    pub buf: Arc<SharedBuf>,
+    /// Bytes `[0, flushed_to)` are on the device.
+    flushed_to: AtomicU32,
+}
+
+/// Where `append` put a record.
+#[derive(Debug)]
+pub struct Appended {
+    /// The record's location (for the index).
+    pub location: Location,
+    /// Its position in the device's write order.
+    pub pos: WritePos,
+    /// Present when the caller asked to wait for durability.
+    pub durable: Option<Completion<Result<()>>>,
+}
+
+/// Tunables the writer needs.
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    /// See [`crate::EngineConfig::flush_interval_ms`].
+    pub flush_interval_ms: u64,
+    /// See [`crate::EngineConfig::post_write_cache_bytes`].
+    pub post_write_cache_bytes: u64,
+    /// See [`crate::EngineConfig::write_chunk_bytes`].
+    pub write_chunk_bytes: u32,
+    /// See [`crate::EngineConfig::write_queue_depth`].
+    pub write_queue_depth: u32,
+    /// See [`crate::EngineConfig::max_write_queue_bytes`].
+    pub max_write_queue_bytes: u64,
+}
+
+/// Where blocks sit on the device.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    /// The device's index in the namespace.
+    pub device_index: u8,
+    /// Offset of block 0.
+    pub data_offset: u64,
+    /// Write block size.
+    pub block_bytes: u32,
+    /// The device set id (written into block headers).
+    pub device_set_id: u64,
+}
+
+impl Geometry {
+    /// Device offset of `block`.
+    pub fn block_offset(&self, block: u32) -> u64 {
+        self.data_offset + u64::from(block) * u64::from(self.block_bytes)
+    }
+
+    /// (block, offset within block) of a device offset inside the block area.
+    pub fn split(&self, offset: u64) -> (u32, u32) {
+        let rel = offset - self.data_offset;
+        (
+            (rel / u64::from(self.block_bytes)) as u32,
+            (rel % u64::from(self.block_bytes)) as u32,
+        )
+    }
+}
+
+/// Device write counters.
+#[derive(Debug, Default)]
+pub struct WriterCounters {
+    /// Device write operations.
+    pub writes: AtomicU64,
+    /// Bytes written to the device.
+    pub write_bytes: AtomicU64,
+    /// fdatasync calls.
+    pub syncs: AtomicU64,
+    /// Record bytes appended (client and replicated writes).
+    pub appended_bytes: AtomicU64,
+    /// Writes refused because the write queue was full.
+    pub overloads: AtomicU64,
+}
+
+struct OpenBlock {
+    mem: Arc<MemBlock>,
+    fill: u32,
+    opened_unix_ms: u64,
+}
+
+struct State {
+    open: Option<OpenBlock>,
+    sealed: VecDeque<(Arc<MemBlock>, u32, u64)>,
+    waiters: Vec<(WritePos, Completer<Result<()>>)>,
+    cache: VecDeque<Arc<MemBlock>>,
+    pool: Vec<AlignedBuf>,
+    oldest_unflushed: Option<Instant>,
+    next_sequence: u64,
+    failed: Option<String>,
+    stopping: bool,
+    stopped: bool,
+}
+
+/// The writer of one device.
+pub struct Writer {
+    label: String,
+    geometry: Geometry,
+    config: WriterConfig,
+    io: Arc<dyn DeviceIo>,
+    blocks: Arc<BlockTable>,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+    wake: Condvar,
+    mem: RwLock<HashMap<u32, Arc<MemBlock>>>,
+    durable: AtomicU64,
+    /// Device write counters.
+    pub counters: WriterCounters,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("device", &self.label)
+            .finish()
+    }
+}
+
+enum Job {
+    Sealed(Arc<MemBlock>, u32, u64),
+    Open { commit: bool },
+    Stop,
+}
+
+impl Writer {
+    /// A writer whose next block gets sequence `next_sequence`.
+    pub fn new(
+        label: String,
+        geometry: Geometry,
+        config: WriterConfig,
+        io: Arc<dyn DeviceIo>,
+        blocks: Arc<BlockTable>,
+        clock: Arc<dyn Clock>,
+        next_sequence: u64,
+    ) -> Writer {
+        Writer {
+            label,
+            geometry,
+            config,
+            io,
+            blocks,
+            clock,
+            state: Mutex::new(State {
+                open: None,
+                sealed: VecDeque::new(),
+                waiters: Vec::new(),
+                cache: VecDeque::new(),
+                pool: Vec::new(),
+                oldest_unflushed: None,
+                next_sequence,
+                failed: None,
+                stopping: false,
+                stopped: false,
+            }),
+            wake: Condvar::new(),
+            mem: RwLock::new(HashMap::new()),
+            durable: AtomicU64::new(write_pos(next_sequence.saturating_sub(1), u32::MAX)),
+            counters: WriterCounters::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The device geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// The block table.
+    pub fn blocks(&self) -> &Arc<BlockTable> {
+        &self.blocks
+    }
+
+    /// Everything up to this write position is durable.
+    pub fn durable_pos(&self) -> WritePos {
+        self.durable.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of full blocks waiting for the device.
+    pub fn queued_bytes(&self) -> u64 {
+        self.lock().sealed.len() as u64 * u64::from(self.geometry.block_bytes)
+    }
+
+    /// The block if it is in memory (open, sealed, or cached).
+    pub fn mem_block(&self, block: u32) -> Option<Arc<MemBlock>> {
+        self.mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&block)
+            .cloned()
+    }
+
+    /// Appends an encoded record (checksum not yet sealed) to the open block.
+    pub fn append(&self, record_bytes: &mut [u8], want_durable: bool) -> Result<Appended> {
+        let len = record_bytes.len();
+        let extent = record::extent(len);
+        let block_bytes = self.geometry.block_bytes as usize;
+        assert!(
+            extent + block_header::BYTES <= block_bytes,
+            "record larger than a write block"
+        );
+        let mut st = self.lock();
+        if let Some(reason) = &st.failed {
+            return Err(Error::Failed {
+                device: self.label.clone(),
+                reason: reason.clone(),
+            });
+        }
+        if st.stopping {
+            return Err(Error::Shutdown);
+        }
+        let fits = st
+            .open
+            .as_ref()
+            .is_some_and(|o| o.fill as usize + extent <= block_bytes);
+        if !fits {
+            self.open_new_block(&mut st)?;
+        }
+        let Some(open) = st.open.as_mut() else {
+            return Err(Error::Shutdown);
+        };
+        let offset = open.fill as usize;
+        record::seal(record_bytes, open.mem.sequence);
+        // SAFETY: we hold the writer lock and [offset, offset + extent) is at or past the fill
+        // mark, so no reader or in-flight device write relies on these bytes yet.
+        unsafe {
+            open.mem.buf.write_at(offset, record_bytes);
+            open.mem
+                .buf
+                .write_at(offset + len, &[0u8; 16][..extent - len]);
+        }
+        open.fill += extent as u32;
+        let block = open.mem.index;
+        let pos = write_pos(open.mem.sequence, open.fill);
+        self.blocks.add_live(block, extent as u64);
+        self.counters
+            .appended_bytes
+            .fetch_add(extent as u64, Ordering::Relaxed);
+        if open.fill as usize + record::HEADER_BYTES > block_bytes {
+            self.seal_open(&mut st);
+        }
+        st.oldest_unflushed.get_or_insert_with(Instant::now);
+        let durable = want_durable.then(|| {
+            let (tx, rx) = completion();
+            st.waiters.push((pos, tx));
+            rx
+        });
+        drop(st);
+        if durable.is_some() {
+            self.wake.notify_all();
+        }
+        let location = Location {
+            device: self.geometry.device_index,
+            offset: self.geometry.block_offset(block) + offset as u64,
+            size: extent as u32,
+        };
+        Ok(Appended {
+            location,
+            pos,
+            durable,
+        })
+    }
+
+    fn seal_open(&self, st: &mut State) {
+        if let Some(old) = st.open.take() {
+            self.blocks.mark_sealed(old.mem.index);
+            st.sealed.push_back((old.mem, old.fill, old.opened_unix_ms));
+            self.wake.notify_all();
+        }
+    }
+
+    fn open_new_block(&self, st: &mut State) -> Result<()> {
+        let block_bytes = u64::from(self.geometry.block_bytes);
+        let queued = (st.sealed.len() as u64 + u64::from(st.open.is_some())) * block_bytes;
+        if queued > self.config.max_write_queue_bytes {
+            self.counters.overloads.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::DeviceOverload(format!(
+                "{} has {queued} bytes of write blocks waiting for the device (max_write_queue_bytes {})",
+                self.label, self.config.max_write_queue_bytes
+            )));
+        }
+        let sequence = st.next_sequence;
+        let Some(block) = self.blocks.allocate(sequence) else {
+            return Err(Error::DeviceFull(format!(
+                "{} has no free write block",
+                self.label
+            )));
+        };
+        st.next_sequence += 1;
+        self.seal_open(st);
+        let mut buf = st
+            .pool
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::zeroed(self.geometry.block_bytes as usize));
+        buf.fill_zero();
+        let opened_unix_ms = self.clock.now_unix_ms();
+        let header = block_header::BlockHeader {
+            sequence,
+            device_set_id: self.geometry.device_set_id,
+            block_index: block,
+            fill_end: 0,
+            sealed: false,
+            device_index: u32::from(self.geometry.device_index),
+            opened_unix_ms,
+        };
+        header.encode_into(&mut buf.as_mut_slice()[..block_header::BYTES]);
+        let mem = Arc::new(MemBlock {
+            index: block,
+            sequence,
+            buf: Arc::new(SharedBuf::new(buf)),
+            flushed_to: AtomicU32::new(0),
+        });
+        self.mem
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(block, mem.clone());
+        st.open = Some(OpenBlock {
+            mem,
+            fill: block_header::BYTES as u32,
+            opened_unix_ms,
+        });
+        Ok(())
+    }
+
+    /// The flusher thread's loop; returns after `stop` once everything is flushed.
+    pub fn run_flusher(&self) {
+        loop {
+            match self.next_job() {
+                Job::Sealed(mem, fill, opened) => self.flush_sealed(&mem, fill, opened),
+                Job::Open { commit } => self.flush_open(commit),
+                Job::Stop => {
+                    self.flush_open(false);
+                    let mut st = self.lock();
+                    st.stopped = true;
+                    drop(st);
+                    self.wake.notify_all();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn next_job(&self) -> Job {
+        let mut st = self.lock();
+        loop {
+            if st.failed.is_some() {
+                let reason = st.failed.clone().unwrap_or_default();
+                for (_, w) in st.waiters.drain(..) {
+                    w.complete(Err(Error::Failed {
+                        device: self.label.clone(),
+                        reason: reason.clone(),
+                    }));
+                }
+                if st.stopping {
+                    return Job::Stop;
+                }
+            } else if let Some((mem, fill, opened)) = st.sealed.front() {
+                return Job::Sealed(mem.clone(), *fill, *opened);
+            } else if !st.waiters.is_empty() {
+                return Job::Open { commit: true };
+            } else if st.stopping {
+                return Job::Stop;
+            }
+            let interval = Duration::from_millis(self.config.flush_interval_ms);
+            let timeout = match st.oldest_unflushed {
+                Some(t) if self.config.flush_interval_ms > 0 && st.failed.is_none() => {
+                    let age = t.elapsed();
+                    if age >= interval {
+                        return Job::Open { commit: false };
+                    }
+                    interval - age
+                }
+                _ => Duration::from_millis(500),
+            };
+            st = self
+                .wake
+                .wait_timeout(st, timeout)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn flush_sealed(&self, mem: &Arc<MemBlock>, fill: u32, opened_unix_ms: u64) {
+        let flushed = mem.flushed_to.load(Ordering::SeqCst) as usize;
+        self.write_header(mem, fill, true, opened_unix_ms);
+        let from = align_down(flushed as u64, IO_ALIGN_BYTES as u64) as usize;
+        let to = align_up(u64::from(fill), IO_ALIGN_BYTES as u64) as usize;
+        let pos = write_pos(mem.sequence, fill);
+        let wants_sync = self.lock().waiters.iter().any(|(p, _)| *p <= pos);
+        let result = self
+            .write_range(mem, from, to, from > 0)
+            .and_then(|()| if wants_sync { self.sync() } else { Ok(()) });
+        let mut st = self.lock();
+        if let Err(e) = result {
+            self.fail(&mut st, format!("writing block {}: {e}", mem.index));
+            return;
+        }
+        st.sealed.pop_front();
+        mem.flushed_to.store(fill, Ordering::SeqCst);
+        self.blocks.mark_used(mem.index);
+        st.cache.push_back(mem.clone());
+        self.evict_cache(&mut st);
+        self.advance_durable(&mut st, pos, wants_sync);
+    }
+
+    fn flush_open(&self, commit: bool) {
+        let snapshot = {
+            let mut st = self.lock();
+            if !st.sealed.is_empty() {
+                // A block was sealed since this job was chosen. Blocks reach the device in
+                // sequence order, so the durable position never passes an unwritten block:
+                // the sealed one goes first (the next job).
+                return;
+            }
+            st.oldest_unflushed = None;
+            st.open
+                .as_ref()
+                .map(|o| (o.mem.clone(), o.fill, o.opened_unix_ms))
+        };
+        let Some((mem, fill, opened_unix_ms)) = snapshot else {
+            // No open block: everything appended is written; waiters only need the sync.
+            if commit {
+                let result = self.sync();
+                let mut st = self.lock();
+                match result {
+                    Ok(()) => {
+                        let durable = self.durable.load(Ordering::SeqCst);
+                        self.advance_durable(&mut st, durable, true);
+                    }
+                    Err(e) => self.fail(&mut st, format!("syncing: {e}")),
+                }
+            }
+            return;
+        };
+        let flushed = mem.flushed_to.load(Ordering::SeqCst);
+        if flushed >= fill && !commit {
+            return;
+        }
+        if !commit {
+            self.write_header(&mem, fill, false, opened_unix_ms);
+        }
+        let from = align_down(u64::from(flushed), IO_ALIGN_BYTES as u64) as usize;
+        let to = align_up(u64::from(fill), IO_ALIGN_BYTES as u64) as usize;
+        let pos = write_pos(mem.sequence, fill);
+        let result = self
+            .write_range(&mem, from, to, !commit && from > 0)
+            .and_then(|()| {
+                if commit || self.lock().stopping {
+                    self.sync()
+                } else {
+                    Ok(())
+                }
+            });
+        let mut st = self.lock();
+        if let Err(e) = result {
+            self.fail(&mut st, format!("flushing block {}: {e}", mem.index));
+            return;
+        }
+        mem.flushed_to.fetch_max(fill, Ordering::SeqCst);
+        self.advance_durable(&mut st, pos, commit);
+    }
+
+    /// Rewrites the block header in the buffer (flusher only).
+    fn write_header(&self, mem: &MemBlock, fill: u32, sealed: bool, opened_unix_ms: u64) {
+        let header = block_header::BlockHeader {
+            sequence: mem.sequence,
+            device_set_id: self.geometry.device_set_id,
+            block_index: mem.index,
+            fill_end: fill,
+            sealed,
+            device_index: u32::from(self.geometry.device_index),
+            opened_unix_ms,
+        };
+        let mut bytes = [0u8; block_header::BYTES];
+        header.encode_into(&mut bytes);
+        // SAFETY: only the flusher thread touches header bytes, and no record or reader spans them.
+        unsafe { mem.buf.write_at(0, &bytes) };
+    }
+
+    fn advance_durable(&self, st: &mut State, pos: WritePos, synced: bool) {
+        self.durable.fetch_max(pos, Ordering::SeqCst);
+        if synced {
+            let durable = self.durable.load(Ordering::SeqCst);
+            let mut i = 0;
+            while i < st.waiters.len() {
+                if st.waiters[i].0 <= durable {
+                    let (_, w) = st.waiters.swap_remove(i);
+                    w.complete(Ok(()));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        self.blocks
+            .release_pending(self.durable.load(Ordering::SeqCst));
+    }
+
+    fn fail(&self, st: &mut State, reason: String) {
+        tracing::error!(device = %self.label, %reason, "device write failed; refusing further writes");
+        if st.failed.is_none() {
+            st.failed = Some(reason.clone());
+        }
+        for (_, w) in st.waiters.drain(..) {
+            w.complete(Err(Error::Failed {
+                device: self.label.clone(),
+                reason: reason.clone(),
+            }));
+        }
+    }
+
+    fn evict_cache(&self, st: &mut State) {
+        let block_bytes = u64::from(self.geometry.block_bytes);
+        while st.cache.len() as u64 * block_bytes > self.config.post_write_cache_bytes {
+            let Some(old) = st.cache.pop_front() else {
+                break;
+            };
+            {
+                let mut map = self.mem.write().unwrap_or_else(PoisonError::into_inner);
+                if map.get(&old.index).is_some_and(|m| Arc::ptr_eq(m, &old)) {
+                    map.remove(&old.index);
+                }
+            }
+            if st.pool.len() < BUFFER_POOL_MAX
+                && let Ok(mem) = Arc::try_unwrap(old)
+                && let Ok(buf) = Arc::try_unwrap(mem.buf)
+            {
+                st.pool.push(buf.into_inner());
+            }
+        }
+    }
+
+    fn write_range(
+        &self,
+        mem: &Arc<MemBlock>,
+        from: usize,
+        to: usize,
+        header_sector_last: bool,
+    ) -> io::Result<()> {
+        let base = self.geometry.block_offset(mem.index);
+        let chunk = self.config.write_chunk_bytes as usize;
+        let depth = self.config.write_queue_depth as usize;
+        let mut pieces: Vec<(usize, usize)> = Vec::new();
+        let mut off = from;
+        while off < to {
+            let len = chunk.min(to - off);
+            pieces.push((off, len));
+            off += len;
+        }
+        if header_sector_last {
+            pieces.push((0, IO_ALIGN_BYTES));
+        }
+        let mut in_flight = VecDeque::new();
+        for (i, (off, len)) in pieces.iter().copied().enumerate() {
+            // The header sector goes last, after every data piece has landed.
+            let is_header = header_sector_last && i == pieces.len() - 1;
+            if is_header {
+                while let Some(c) = in_flight.pop_front() {
+                    wait_io(c)?;
+                }
+            }
+            let src = WriteSource {
+                buf: mem.buf.clone(),
+                start: off,
+                len,
+            };
+            in_flight.push_back(self.io.write(base + off as u64, src));
+            self.counters.writes.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .write_bytes
+                .fetch_add(len as u64, Ordering::Relaxed);
+            while in_flight.len() >= depth {
+                if let Some(c) = in_flight.pop_front() {
+                    wait_io(c)?;
+                }
+            }
+        }
+        for c in in_flight {
+            wait_io(c)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        wait_io(self.io.sync())
+    }
+
+    /// A completion that settles once everything appended so far is on the device and synced.
+    pub fn flush(&self) -> Completion<Result<()>> {
+        let mut st = self.lock();
+        if let Some(reason) = &st.failed {
+            return Completion::ready(Err(Error::Failed {
+                device: self.label.clone(),
+                reason: reason.clone(),
+            }));
+        }
+        let target = match (&st.open, st.sealed.back()) {
+            (Some(o), _) => write_pos(o.mem.sequence, o.fill),
+            (None, Some((m, fill, _))) => write_pos(m.sequence, *fill),
+            (None, None) => return Completion::ready(Ok(())),
+        };
+        let (tx, rx) = completion();
+        st.waiters.push((target, tx));
+        drop(st);
+        self.wake.notify_all();
+        rx
+    }
+
+    /// Asks the flusher to write everything and stop; waits until it has.
+    pub fn stop(&self) {
+        let mut st = self.lock();
+        st.stopping = true;
+        self.wake.notify_all();
+        while !st.stopped {
+            st = self.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Whether a device write has failed.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+}

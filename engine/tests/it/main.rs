@@ -1,0 +1,11 @@
+//! Engine integration tests: real files in temp dirs, real io_uring (and the blocking backend:
+//! every test runs on both), real processes for crash tests, a loop device for the block path.
+
+#![allow(clippy::unwrap_used, reason = "test code: a panic is a test failure")]
+
+mod common;
+mod crash;
+mod devices;
+mod recovery;
+mod roundtrip;
+mod stress;
