@@ -90,10 +90,7 @@ impl BlockTable {
     pub fn new(count: u32) -> BlockTable {
         BlockTable {
             slots: (0..count).map(|_| Slot::default()).collect(),
-            lists: Mutex::new(FreeLists {
-                free: (0..count).rev().collect(),
-                pending: Vec::new(),
-            }),
+            lists: Mutex::new(FreeLists { free: (0..count).rev().collect(), pending: Vec::new() }),
         }
     }
 
@@ -145,9 +142,7 @@ impl BlockTable {
 
     /// A record of `bytes` was placed in the block.
     pub fn add_live(&self, block: u32, bytes: u64) {
-        self.slots[block as usize]
-            .live_bytes
-            .fetch_add(bytes, Ordering::SeqCst);
+        self.slots[block as usize].live_bytes.fetch_add(bytes, Ordering::SeqCst);
     }
 
     /// A record of `bytes` in the block died because of the write at `killer`.
@@ -155,10 +150,7 @@ impl BlockTable {
         let s = &self.slots[block as usize];
         s.killed_at.fetch_max(killer, Ordering::SeqCst);
         let before = s.live_bytes.fetch_sub(bytes, Ordering::SeqCst);
-        assert!(
-            before >= bytes,
-            "block {block} live bytes would go negative ({before} - {bytes})"
-        );
+        assert!(before >= bytes, "block {block} live bytes would go negative ({before} - {bytes})");
         if before == bytes {
             self.retire_if_empty(block);
         }
@@ -166,16 +158,12 @@ impl BlockTable {
 
     /// The open block was sealed (it waits for its device write).
     pub fn mark_sealed(&self, block: u32) {
-        self.slots[block as usize]
-            .state
-            .store(BlockState::Sealed as u8, Ordering::SeqCst);
+        self.slots[block as usize].state.store(BlockState::Sealed as u8, Ordering::SeqCst);
     }
 
     /// The block's contents reached the device.
     pub fn mark_used(&self, block: u32) {
-        self.slots[block as usize]
-            .state
-            .store(BlockState::Used as u8, Ordering::SeqCst);
+        self.slots[block as usize].state.store(BlockState::Used as u8, Ordering::SeqCst);
         self.retire_if_empty(block);
     }
 
@@ -183,11 +171,8 @@ impl BlockTable {
         let mut lists = self.lists();
         let s = &self.slots[block as usize];
         if self.state(block) == BlockState::Used && s.live_bytes.load(Ordering::SeqCst) == 0 {
-            s.state
-                .store(BlockState::PendingFree as u8, Ordering::SeqCst);
-            lists
-                .pending
-                .push((block, s.killed_at.load(Ordering::SeqCst)));
+            s.state.store(BlockState::PendingFree as u8, Ordering::SeqCst);
+            lists.pending.push((block, s.killed_at.load(Ordering::SeqCst)));
         }
     }
 
@@ -198,9 +183,7 @@ impl BlockTable {
         let before = free.len();
         pending.retain(|&(block, needed)| {
             if needed <= durable {
-                self.slots[block as usize]
-                    .state
-                    .store(BlockState::Free as u8, Ordering::SeqCst);
+                self.slots[block as usize].state.store(BlockState::Free as u8, Ordering::SeqCst);
                 free.push(block);
                 false
             } else {
@@ -226,22 +209,15 @@ impl BlockTable {
             }
         }
         lists.pending.clear();
-        lists.free = (0..self.len())
-            .rev()
-            .filter(|&b| self.state(b) == BlockState::Free)
-            .collect();
+        lists.free = (0..self.len()).rev().filter(|&b| self.state(b) == BlockState::Free).collect();
         for b in &lists.free {
-            self.slots[*b as usize]
-                .live_bytes
-                .store(0, Ordering::SeqCst);
+            self.slots[*b as usize].live_bytes.store(0, Ordering::SeqCst);
         }
     }
 
     /// Sets the sequence of a block during recovery (before [`BlockTable::restore`]).
     pub fn set_sequence(&self, block: u32, sequence: u64) {
-        self.slots[block as usize]
-            .sequence
-            .store(sequence, Ordering::SeqCst);
+        self.slots[block as usize].sequence.store(sequence, Ordering::SeqCst);
     }
 
     /// Counts blocks by state.
@@ -288,11 +264,7 @@ mod tests {
         let b = t.allocate(1).unwrap();
         t.add_live(b, 64);
         t.remove_live(b, 64, write_pos(1, 128));
-        assert_eq!(
-            t.state(b),
-            BlockState::Open,
-            "an open block is never retired"
-        );
+        assert_eq!(t.state(b), BlockState::Open, "an open block is never retired");
         t.mark_sealed(b);
         t.mark_used(b);
         assert_eq!(t.state(b), BlockState::PendingFree);

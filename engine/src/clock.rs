@@ -15,8 +15,7 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
     /// Seconds since 2010-01-01 UTC (the unit of void times).
     fn now_void_s(&self) -> u32 {
         let s = self.now_unix_ms() / 1000;
-        s.saturating_sub(CITRUSLEAF_EPOCH_UNIX_S)
-            .min(u64::from(u32::MAX)) as u32
+        s.saturating_sub(CITRUSLEAF_EPOCH_UNIX_S).min(u64::from(u32::MAX)) as u32
     }
 }
 
@@ -26,10 +25,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_unix_ms(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
     }
 }
 
@@ -42,9 +38,7 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock reading `unix_ms`.
     pub fn new(unix_ms: u64) -> ManualClock {
-        ManualClock {
-            ms: AtomicU64::new(unix_ms),
-        }
+        ManualClock { ms: AtomicU64::new(unix_ms) }
     }
 
     /// Moves the clock forward.

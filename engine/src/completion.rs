@@ -71,16 +71,8 @@ impl<T> std::fmt::Debug for Completer<T> {
 
 /// A connected completer/completion pair.
 pub fn completion<T>() -> (Completer<T>, Completion<T>) {
-    let shared = Arc::new(Shared {
-        state: Mutex::new(State::Pending(None)),
-        ready: Condvar::new(),
-    });
-    (
-        Completer {
-            shared: Some(shared.clone()),
-        },
-        Completion { shared },
-    )
+    let shared = Arc::new(Shared { state: Mutex::new(State::Pending(None)), ready: Condvar::new() });
+    (Completer { shared: Some(shared.clone()) }, Completion { shared })
 }
 
 impl<T> Completer<T> {
@@ -118,11 +110,7 @@ impl<T> Completion<T> {
                 State::Taken => return Err(Canceled),
                 pending @ State::Pending(_) => {
                     *state = pending;
-                    state = self
-                        .shared
-                        .ready
-                        .wait(state)
-                        .unwrap_or_else(PoisonError::into_inner);
+                    state = self.shared.ready.wait(state).unwrap_or_else(PoisonError::into_inner);
                 }
             }
         }

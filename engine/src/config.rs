@@ -8,9 +8,7 @@ use peregrine_index::{DEVICE_BYTES_MAX, DEVICES_MAX};
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
-use crate::format::{
-    DATA_OFFSET_BYTES, WRITE_BLOCK_BYTES_MAX, WRITE_BLOCK_BYTES_MIN, block_header, device_header,
-};
+use crate::format::{DATA_OFFSET_BYTES, WRITE_BLOCK_BYTES_MAX, WRITE_BLOCK_BYTES_MIN, block_header, device_header};
 use crate::io::IoOptions;
 
 /// Fewest write blocks a device may have.
@@ -87,38 +85,21 @@ impl EngineConfig {
     }
 
     /// A single file device of `size_bytes` at `path`.
-    pub fn single_file(
-        namespace: impl Into<String>,
-        path: impl Into<PathBuf>,
-        size_bytes: u64,
-    ) -> EngineConfig {
-        EngineConfig::new(
-            namespace,
-            vec![DeviceSpec {
-                path: path.into(),
-                file_size_bytes: Some(size_bytes),
-            }],
-        )
+    pub fn single_file(namespace: impl Into<String>, path: impl Into<PathBuf>, size_bytes: u64) -> EngineConfig {
+        EngineConfig::new(namespace, vec![DeviceSpec { path: path.into(), file_size_bytes: Some(size_bytes) }])
     }
 
     /// Checks every limit; returns a message naming the offending setting.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.namespace.is_empty() || self.namespace.len() > device_header::NAMESPACE_BYTES_MAX {
-            return bad(format!(
-                "namespace name must be 1 to {} bytes",
-                device_header::NAMESPACE_BYTES_MAX
-            ));
+            return bad(format!("namespace name must be 1 to {} bytes", device_header::NAMESPACE_BYTES_MAX));
         }
         if self.devices.is_empty() || self.devices.len() > DEVICES_MAX {
-            return bad(format!(
-                "a namespace needs 1 to {DEVICES_MAX} devices, got {}",
-                self.devices.len()
-            ));
+            return bad(format!("a namespace needs 1 to {DEVICES_MAX} devices, got {}", self.devices.len()));
         }
         let wbs = self.write_block_bytes;
-        if !(WRITE_BLOCK_BYTES_MIN..=WRITE_BLOCK_BYTES_MAX).contains(&wbs) || !wbs.is_power_of_two()
-        {
+        if !(WRITE_BLOCK_BYTES_MIN..=WRITE_BLOCK_BYTES_MAX).contains(&wbs) || !wbs.is_power_of_two() {
             return bad(format!(
                 "write_block_bytes must be a power of two from {WRITE_BLOCK_BYTES_MIN} to {WRITE_BLOCK_BYTES_MAX}, got {wbs}"
             ));
@@ -131,20 +112,14 @@ impl EngineConfig {
                 self.max_record_bytes
             ));
         }
-        if !self.write_chunk_bytes.is_power_of_two()
-            || self.write_chunk_bytes < 4096
-            || self.write_chunk_bytes > wbs
-        {
+        if !self.write_chunk_bytes.is_power_of_two() || self.write_chunk_bytes < 4096 || self.write_chunk_bytes > wbs {
             return bad(format!(
                 "write_chunk_bytes must be a power of two from 4096 to write_block_bytes, got {}",
                 self.write_chunk_bytes
             ));
         }
         if self.write_queue_depth == 0 || self.write_queue_depth > 64 {
-            return bad(format!(
-                "write_queue_depth must be 1 to 64, got {}",
-                self.write_queue_depth
-            ));
+            return bad(format!("write_queue_depth must be 1 to 64, got {}", self.write_queue_depth));
         }
         if self.max_write_queue_bytes < u64::from(wbs) {
             return bad("max_write_queue_bytes must hold at least one write block".into());

@@ -15,6 +15,8 @@ use crate::io::{AlignedBuf, DeviceIo, IO_ALIGN_BYTES, SharedBuf, WriteSource, wa
 
 /// Bytes per write while zero-filling a new file.
 const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
+/// Smallest direct-I/O granule used, even where a device reports less.
+const GRANULE_MIN: usize = 512;
 /// Zero-fill writes in flight.
 const ZERO_FILL_DEPTH: usize = 4;
 
@@ -38,6 +40,8 @@ pub struct OpenedDevice {
     pub size_bytes: u64,
     /// Whether this open created the file (it is blank).
     pub created: bool,
+    /// Direct-I/O granule for offsets and lengths (512 to 4096).
+    pub granule: usize,
     /// The open descriptor (O_DIRECT, flock held).
     pub file: File,
 }
@@ -51,11 +55,7 @@ fn io_err(path: &Path, what: &str, e: io::Error) -> Error {
 /// Opens (creating a file device if needed) and locks a device. If another process holds the
 /// lock, retries for up to `lock_wait_ms`: a process that was just killed releases its devices
 /// a few milliseconds after it is reaped.
-pub fn open_device(
-    path: &Path,
-    file_size_bytes: Option<u64>,
-    lock_wait_ms: u64,
-) -> Result<OpenedDevice> {
+pub fn open_device(path: &Path, file_size_bytes: Option<u64>, lock_wait_ms: u64) -> Result<OpenedDevice> {
     let exists = path.exists();
     if !exists && file_size_bytes.is_none() {
         return Err(Error::Device {
@@ -66,10 +66,7 @@ pub fn open_device(
     if !exists && let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| io_err(parent, "creating directory", e))?;
     }
-    let is_block = exists
-        && std::fs::metadata(path)
-            .map(|m| m.file_type().is_block_device())
-            .unwrap_or(false);
+    let is_block = exists && std::fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(false);
     let mut flags = libc::O_DIRECT | libc::O_CLOEXEC;
     if is_block {
         // For block devices O_EXCL means "fail if mounted or held exclusively elsewhere".
@@ -99,27 +96,16 @@ pub fn open_device(
             other => break other?,
         }
     }
-    let (kind, size_bytes) = if is_block {
-        check_block_sectors(&file, path)?;
-        (
-            DeviceKind::Block,
-            block_device_size(&file).map_err(|e| io_err(path, "reading the size of", e))?,
-        )
+    let (kind, size_bytes, granule) = if is_block {
+        let granule = check_block_sectors(&file, path)?;
+        let size = block_device_size(&file).map_err(|e| io_err(path, "reading the size of", e))?;
+        (DeviceKind::Block, size, granule)
     } else {
-        check_file_alignment(&file, path)?;
-        let current = file
-            .metadata()
-            .map_err(|e| io_err(path, "stat of", e))?
-            .len();
-        (DeviceKind::File, current)
+        let granule = check_file_alignment(&file, path)?;
+        let current = file.metadata().map_err(|e| io_err(path, "stat of", e))?.len();
+        (DeviceKind::File, current, granule)
     };
-    Ok(OpenedDevice {
-        path: path.to_path_buf(),
-        kind,
-        size_bytes,
-        created: !exists,
-        file,
-    })
+    Ok(OpenedDevice { path: path.to_path_buf(), kind, size_bytes, created: !exists, granule, file })
 }
 
 /// Takes the exclusive advisory lock, failing fast when someone else holds it.
@@ -129,9 +115,7 @@ pub fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     if rc != 0 {
         let e = io::Error::last_os_error();
         return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            Error::DeviceInUse {
-                path: path.to_path_buf(),
-            }
+            Error::DeviceInUse { path: path.to_path_buf() }
         } else {
             io_err(path, "locking", e)
         });
@@ -148,11 +132,7 @@ pub fn is_locked_elsewhere(path: &Path) -> io::Result<bool> {
         return Ok(false);
     }
     let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(true)
-    } else {
-        Err(e)
-    }
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(true) } else { Err(e) }
 }
 
 fn block_device_size(file: &File) -> io::Result<u64> {
@@ -175,34 +155,26 @@ fn ioctl_int(file: &File, request: libc::Ioctl) -> io::Result<u32> {
     Ok(v as u32)
 }
 
-fn check_block_sectors(file: &File, path: &Path) -> Result<()> {
+/// Checks the sector sizes; returns the direct-I/O granule (the logical sector, at least 512).
+fn check_block_sectors(file: &File, path: &Path) -> Result<usize> {
     let logical = ioctl_int(file, libc::BLKSSZGET).map_err(|e| io_err(path, "BLKSSZGET on", e))?;
-    let physical =
-        ioctl_int(file, libc::BLKPBSZGET).map_err(|e| io_err(path, "BLKPBSZGET on", e))?;
+    let physical = ioctl_int(file, libc::BLKPBSZGET).map_err(|e| io_err(path, "BLKPBSZGET on", e))?;
     tracing::info!(device = %path.display(), logical_sector = logical, physical_sector = physical, "block device");
     if logical as usize > IO_ALIGN_BYTES {
         return Err(Error::Device {
             path: path.to_path_buf(),
-            detail: format!(
-                "logical sector size {logical} exceeds the supported {IO_ALIGN_BYTES} bytes"
-            ),
+            detail: format!("logical sector size {logical} exceeds the supported {IO_ALIGN_BYTES} bytes"),
         });
     }
-    Ok(())
+    Ok((logical as usize).clamp(GRANULE_MIN, IO_ALIGN_BYTES).next_power_of_two())
 }
 
-fn check_file_alignment(file: &File, path: &Path) -> Result<()> {
+/// Checks direct-I/O support; returns the granule statx reports (4096 when it reports none).
+fn check_file_alignment(file: &File, path: &Path) -> Result<usize> {
     // SAFETY: statx fills the zeroed struct; we only read it on success.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
+    let rc =
+        unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
     if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 {
         let (mem, off) = (stx.stx_dio_mem_align, stx.stx_dio_offset_align);
         if off == 0 {
@@ -214,13 +186,12 @@ fn check_file_alignment(file: &File, path: &Path) -> Result<()> {
         if off as usize > IO_ALIGN_BYTES || mem as usize > IO_ALIGN_BYTES {
             return Err(Error::Device {
                 path: path.to_path_buf(),
-                detail: format!(
-                    "direct I/O alignment {off}/{mem} exceeds the supported {IO_ALIGN_BYTES} bytes"
-                ),
+                detail: format!("direct I/O alignment {off}/{mem} exceeds the supported {IO_ALIGN_BYTES} bytes"),
             });
         }
+        return Ok((off as usize).clamp(GRANULE_MIN, IO_ALIGN_BYTES).next_power_of_two());
     }
-    Ok(())
+    Ok(IO_ALIGN_BYTES)
 }
 
 /// Writes zeros over `[from, size)` of a file device (already sized) through the I/O backend,
@@ -231,14 +202,7 @@ pub fn zero_fill(io: &Arc<dyn DeviceIo>, path: &Path, from: u64, size: u64) -> R
     let mut offset = from;
     while offset < size {
         let len = (size - offset).min(ZERO_FILL_CHUNK_BYTES as u64) as usize;
-        in_flight.push_back(io.write(
-            offset,
-            WriteSource {
-                buf: zeros.clone(),
-                start: 0,
-                len,
-            },
-        ));
+        in_flight.push_back(io.write(offset, WriteSource { buf: zeros.clone(), start: 0, len }));
         offset += len as u64;
         if in_flight.len() >= ZERO_FILL_DEPTH
             && let Some(c) = in_flight.pop_front()
@@ -266,10 +230,7 @@ mod tests {
         assert_eq!(first.kind, DeviceKind::File);
         let started = std::time::Instant::now();
         let second = open_device(&path, Some(8 << 20), 100).unwrap_err();
-        assert!(
-            started.elapsed() >= std::time::Duration::from_millis(100),
-            "did not wait for the lock"
-        );
+        assert!(started.elapsed() >= std::time::Duration::from_millis(100), "did not wait for the lock");
         assert!(matches!(second, Error::DeviceInUse { .. }), "{second}");
         assert!(second.to_string().contains("in use"));
         assert!(is_locked_elsewhere(&path).unwrap());

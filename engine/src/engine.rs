@@ -40,6 +40,7 @@ pub(crate) struct Counters {
     pub(crate) device_reads: AtomicU64,
     pub(crate) device_read_bytes: AtomicU64,
     pub(crate) memory_reads: AtomicU64,
+    pub(crate) record_reads_from_device: AtomicU64,
     pub(crate) corruption_errors: AtomicU64,
     pub(crate) read_retries: AtomicU64,
     pub(crate) write_retries: AtomicU64,
@@ -66,9 +67,7 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("namespace", &self.inner.config.namespace)
-            .finish()
+        f.debug_struct("Engine").field("namespace", &self.inner.config.namespace).finish()
     }
 }
 
@@ -83,12 +82,14 @@ pub struct EngineStats {
     pub tombstones: u64,
     /// Bytes of RAM held by the primary index.
     pub index_bytes: u64,
-    /// Record reads served by one device read.
+    /// Device read I/Os issued by record reads (retries included).
     pub device_reads: u64,
     /// Bytes read by record reads.
     pub device_read_bytes: u64,
     /// Record reads served from a write block in memory.
     pub memory_reads: u64,
+    /// Record reads that completed with bytes from the device (each should cost one read).
+    pub record_reads_from_device: u64,
     /// Reads that found corrupt bytes (an error was returned).
     pub corruption_errors: u64,
     /// Reads retried because the record moved while being read.
@@ -149,35 +150,18 @@ struct Opened {
 
 fn new_device_set_id() -> u64 {
     let mut bytes = [0u8; 8];
-    let got = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
-    let mixed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64);
-    let seed = if got.is_ok() {
-        u64::from_le_bytes(bytes)
-    } else {
-        0
-    };
+    let got = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    let mixed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64);
+    let seed = if got.is_ok() { u64::from_le_bytes(bytes) } else { 0 };
     (seed ^ mixed.unwrap_or(0) ^ u64::from(std::process::id()).rotate_left(32)).max(1)
 }
 
-fn write_header_slot(
-    io: &Arc<dyn DeviceIo>,
-    label: &str,
-    header: &DeviceHeader,
-    slot: usize,
-) -> Result<()> {
+fn write_header_slot(io: &Arc<dyn DeviceIo>, label: &str, header: &DeviceHeader, slot: usize) -> Result<()> {
     let mut buf = AlignedBuf::zeroed(device_header::SLOT_BYTES);
     buf.as_mut_slice().copy_from_slice(&header.encode());
-    let src = WriteSource {
-        buf: Arc::new(SharedBuf::new(buf)),
-        start: 0,
-        len: device_header::SLOT_BYTES,
-    };
+    let src = WriteSource { buf: Arc::new(SharedBuf::new(buf)), start: 0, len: device_header::SLOT_BYTES };
     let offset = (slot * device_header::SLOT_BYTES) as u64;
-    wait_io(io.write(offset, src))
-        .map_err(|e| Error::io(format!("writing the header of {label}"), e))?;
+    wait_io(io.write(offset, src)).map_err(|e| Error::io(format!("writing the header of {label}"), e))?;
     wait_io(io.sync()).map_err(|e| Error::io(format!("syncing the header of {label}"), e))
 }
 
@@ -202,14 +186,10 @@ impl Engine {
         let started = Instant::now();
         let mut opened = Vec::new();
         for spec in &config.devices {
-            let dev =
-                device::open_device(&spec.path, spec.file_size_bytes, config.device_lock_wait_ms)?;
+            let dev = device::open_device(&spec.path, spec.file_size_bytes, config.device_lock_wait_ms)?;
             let label = spec.path.display().to_string();
-            let control = dev
-                .file
-                .try_clone()
-                .map_err(|e| Error::io(format!("duplicating {label}"), e))?;
-            let io = io::open_backend(dev.file, &config.io, &label)
+            let control = dev.file.try_clone().map_err(|e| Error::io(format!("duplicating {label}"), e))?;
+            let io = io::open_backend(dev.file, &config.io, &label, dev.granule)
                 .map_err(|e| Error::io(format!("starting I/O for {label}"), e))?;
             let probe = probe_header(&io, &label, dev.size_bytes)?;
             opened.push(Opened {
@@ -237,11 +217,8 @@ impl Engine {
                 device_set_id: h.device_set_id,
             });
         }
-        let recovery = if formatted {
-            Vec::new()
-        } else {
-            Self::recover(&opened, &headers, &geometries, &tables, &index, &sets)?
-        };
+        let recovery =
+            if formatted { Vec::new() } else { Self::recover(&opened, &headers, &geometries, &tables, &index, &sets)? };
         let mut devices = Vec::new();
         for (i, (o, (header, slot))) in opened.into_iter().zip(headers).enumerate() {
             let next_sequence = recovery.get(i).map_or(1, |r| r.max_sequence + 1);
@@ -293,9 +270,7 @@ impl Engine {
             recovery,
             closed: AtomicBool::new(false),
         };
-        let engine = Engine {
-            inner: Arc::new(inner),
-        };
+        let engine = Engine { inner: Arc::new(inner) };
         engine.recount();
         tracing::info!(
             namespace = %engine.inner.config.namespace,
@@ -309,10 +284,7 @@ impl Engine {
     }
 
     /// Returns each device's header and slot, and whether the devices were just formatted.
-    fn verify_or_format(
-        config: &EngineConfig,
-        opened: &mut [Opened],
-    ) -> Result<(Vec<(DeviceHeader, usize)>, bool)> {
+    fn verify_or_format(config: &EngineConfig, opened: &mut [Opened]) -> Result<(Vec<(DeviceHeader, usize)>, bool)> {
         let count = opened.len();
         let reference = opened.iter().find_map(|o| match &o.probe {
             Probe::Formatted(h, _) => Some(h.clone()),
@@ -397,20 +369,12 @@ impl Engine {
                 && let Some(want) = configured
                 && (o.created || size < want)
             {
-                o.control
-                    .set_len(want)
-                    .map_err(|e| Error::io(format!("sizing {}", o.label), e))?;
-                device::zero_fill(
-                    &o.io,
-                    &o.path,
-                    if o.created { 0 } else { size.min(want) },
-                    want,
-                )?;
+                o.control.set_len(want).map_err(|e| Error::io(format!("sizing {}", o.label), e))?;
+                device::zero_fill(&o.io, &o.path, if o.created { 0 } else { size.min(want) }, want)?;
                 size = want;
             }
             let size = size.min(DEVICE_BYTES_MAX);
-            let blocks =
-                size.saturating_sub(DATA_OFFSET_BYTES) / u64::from(config.write_block_bytes);
+            let blocks = size.saturating_sub(DATA_OFFSET_BYTES) / u64::from(config.write_block_bytes);
             if blocks < BLOCKS_PER_DEVICE_MIN {
                 return Err(Error::Device {
                     path: o.path.clone(),
@@ -433,10 +397,7 @@ impl Engine {
                 namespace: config.namespace.clone(),
             };
             // Clear the other slot first so an older header there cannot win.
-            let zero = DeviceHeader {
-                generation: 0,
-                ..header.clone()
-            };
+            let zero = DeviceHeader { generation: 0, ..header.clone() };
             write_header_slot(&o.io, &o.label, &zero, 1)?;
             write_header_slot(&o.io, &o.label, &header, 0)?;
             tracing::info!(device = %o.label, size, blocks, "formatted device");
@@ -472,10 +433,7 @@ impl Engine {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(Error::Config("recovery thread panicked".into())))
-                })
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("recovery thread panicked".into()))))
                 .collect()
         });
         let reports = results.into_iter().collect::<Result<Vec<_>>>()?;
@@ -499,21 +457,11 @@ impl Engine {
         let (mut records, mut tombstones) = (0i64, 0i64);
         for pid in peregrine_index::PartitionId::all() {
             for e in self.inner.index.read(pid).iter() {
-                if e.is_tombstone() {
-                    tombstones += 1
-                } else {
-                    records += 1
-                }
+                if e.is_tombstone() { tombstones += 1 } else { records += 1 }
             }
         }
-        self.inner
-            .counters
-            .records
-            .store(records, Ordering::Relaxed);
-        self.inner
-            .counters
-            .tombstones
-            .store(tombstones, Ordering::Relaxed);
+        self.inner.counters.records.store(records, Ordering::Relaxed);
+        self.inner.counters.tombstones.store(tombstones, Ordering::Relaxed);
     }
 
     /// The namespace name.
@@ -578,6 +526,7 @@ impl Engine {
             device_reads: c.device_reads.load(Ordering::Relaxed),
             device_read_bytes: c.device_read_bytes.load(Ordering::Relaxed),
             memory_reads: c.memory_reads.load(Ordering::Relaxed),
+            record_reads_from_device: c.record_reads_from_device.load(Ordering::Relaxed),
             corruption_errors: c.corruption_errors.load(Ordering::Relaxed),
             read_retries: c.read_retries.load(Ordering::Relaxed),
             write_retries: c.write_retries.load(Ordering::Relaxed),
@@ -587,12 +536,7 @@ impl Engine {
 
     /// Waits until every record written so far is on the devices and synced.
     pub fn flush(&self) -> Result<()> {
-        let waits: Vec<_> = self
-            .inner
-            .devices
-            .iter()
-            .map(|d| d.writer.flush())
-            .collect();
+        let waits: Vec<_> = self.inner.devices.iter().map(|d| d.writer.flush()).collect();
         for w in waits {
             w.wait().unwrap_or(Err(Error::Shutdown))?;
         }
@@ -614,21 +558,13 @@ impl Inner {
         let mut first_error = None;
         for d in &self.devices {
             d.writer.stop();
-            if let Some(h) = d
-                .flusher
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take()
+            if let Some(h) = d.flusher.lock().unwrap_or_else(PoisonError::into_inner).take()
                 && h.join().is_err()
             {
-                first_error
-                    .get_or_insert(Error::Config(format!("flusher of {} panicked", d.label)));
+                first_error.get_or_insert(Error::Config(format!("flusher of {} panicked", d.label)));
             }
             if let Some(reason) = d.writer.failure() {
-                first_error.get_or_insert(Error::Failed {
-                    device: d.label.clone(),
-                    reason,
-                });
+                first_error.get_or_insert(Error::Failed { device: d.label.clone(), reason });
                 continue;
             }
             let mut guard = d.header.lock().unwrap_or_else(PoisonError::into_inner);

@@ -13,9 +13,7 @@ pub enum Error {
     #[error("record not found")]
     NotFound,
     /// A generation-checked write found another generation.
-    #[error(
-        "generation mismatch: the record is at generation {actual}, the write required {required}"
-    )]
+    #[error("generation mismatch: the record is at generation {actual}, the write required {required}")]
     Generation {
         /// What the policy required (equal to, or less than, this value).
         required: u16,
@@ -128,9 +126,6 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with what the engine was doing.
     pub fn io(context: impl Into<String>, source: io::Error) -> Error {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
+        Error::Io { context: context.into(), source }
     }
 }

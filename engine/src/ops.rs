@@ -72,11 +72,7 @@ enum Expect {
 
 impl Engine {
     fn ensure_open(&self) -> Result<()> {
-        if self.inner.is_closed() {
-            Err(Error::Shutdown)
-        } else {
-            Ok(())
-        }
+        if self.inner.is_closed() { Err(Error::Shutdown) } else { Ok(()) }
     }
 
     fn now_void(&self) -> u32 {
@@ -94,9 +90,7 @@ impl Engine {
         let now = self.now_void();
         let relative = |s: u32| -> Result<u32> {
             if s > TTL_SECONDS_MAX {
-                return Err(Error::Parameter(format!(
-                    "TTL {s} s exceeds the maximum of {TTL_SECONDS_MAX} s"
-                )));
+                return Err(Error::Parameter(format!("TTL {s} s exceeds the maximum of {TTL_SECONDS_MAX} s")));
             }
             Ok(if s == 0 { 0 } else { now.saturating_add(s) })
         };
@@ -187,24 +181,14 @@ impl Engine {
                     _ => bins.clone(),
                 };
                 let stored_key = key.clone().or_else(|| current.and_then(|r| r.key.clone()));
-                let void_time =
-                    self.void_time_for(policy.ttl, existing.map(|e| e.meta.void_time))?;
-                Ok(Change::Put {
-                    set_name: set_name.to_vec(),
-                    key: stored_key,
-                    bins: merged,
-                    void_time,
-                })
+                let void_time = self.void_time_for(policy.ttl, existing.map(|e| e.meta.void_time))?;
+                Ok(Change::Put { set_name: set_name.to_vec(), key: stored_key, bins: merged, void_time })
             })
             .await?;
         match outcome {
             Applied::Written(meta) => Ok(meta),
             // Writing no bins to a record that does not exist leaves nothing (as Aerospike).
-            Applied::Deleted | Applied::Unchanged => Ok(RecordMeta {
-                generation: 0,
-                void_time: 0,
-                last_update_ms: 0,
-            }),
+            Applied::Deleted | Applied::Unchanged => Ok(RecordMeta { generation: 0, void_time: 0, last_update_ms: 0 }),
         }
     }
 
@@ -227,22 +211,12 @@ impl Engine {
     }
 
     /// Rewrites a record with a new expiry and generation. Fails with not-found when missing.
-    pub fn touch(
-        &self,
-        digest: &Digest,
-        ttl: Ttl,
-        generation: GenerationPolicy,
-    ) -> Result<RecordMeta> {
+    pub fn touch(&self, digest: &Digest, ttl: Ttl, generation: GenerationPolicy) -> Result<RecordMeta> {
         block_on(self.touch_async(digest, ttl, generation))
     }
 
     /// Rewrites a record with a new expiry and generation. Fails with not-found when missing.
-    pub async fn touch_async(
-        &self,
-        digest: &Digest,
-        ttl: Ttl,
-        generation: GenerationPolicy,
-    ) -> Result<RecordMeta> {
+    pub async fn touch_async(&self, digest: &Digest, ttl: Ttl, generation: GenerationPolicy) -> Result<RecordMeta> {
         let outcome = self
             .modify_async(digest, true, |existing| {
                 let Some(e) = existing else {
@@ -269,26 +243,17 @@ impl Engine {
     /// General read-modify-write: `decide` sees the current version (with its bins when
     /// `read_existing` is set) and says what to store. It may run more than once if the record
     /// changes concurrently, so it must not have side effects beyond its return value.
-    pub async fn modify_async<F>(
-        &self,
-        digest: &Digest,
-        read_existing: bool,
-        mut decide: F,
-    ) -> Result<Applied>
+    pub async fn modify_async<F>(&self, digest: &Digest, read_existing: bool, mut decide: F) -> Result<Applied>
     where
         F: FnMut(Option<Existing<'_>>) -> Result<Change>,
     {
         self.ensure_open()?;
         for attempt in 0..WRITE_ATTEMPTS_MAX {
             if attempt > 0 {
-                self.inner
-                    .counters
-                    .write_retries
-                    .fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.write_retries.fetch_add(1, Ordering::Relaxed);
             }
             let raw = self.inner.index.get(digest);
-            let live =
-                raw.filter(|e| !e.is_tombstone() && !is_expired(e.void_time, self.now_void()));
+            let live = raw.filter(|e| !e.is_tombstone() && !is_expired(e.void_time, self.now_void()));
             let record = match (&live, read_existing) {
                 (Some(e), true) => match self.read_entry_async(e, &BinSelection::All).await {
                     Ok(r) => Some(r),
@@ -297,69 +262,30 @@ impl Engine {
                 },
                 _ => None,
             };
-            let existing = live.map(|e| Existing {
-                meta: meta_of(&e),
-                record: record.as_ref(),
-            });
+            let existing = live.map(|e| Existing { meta: meta_of(&e), record: record.as_ref() });
             let change = decide(existing)?;
-            let lut = self
-                .inner
-                .config
-                .clock
-                .now_unix_ms()
-                .max(live.map_or(0, |e| e.last_update_ms + 1));
+            let lut = self.inner.config.clock.now_unix_ms().max(live.map_or(0, |e| e.last_update_ms + 1));
             let generation = live.map_or(1, |e| next_generation(e.generation));
-            let meta = RecordMeta {
-                generation,
-                void_time: 0,
-                last_update_ms: lut,
-            };
+            let meta = RecordMeta { generation, void_time: 0, last_update_ms: lut };
             let (version, applied) = match change {
                 Change::Nothing => return Ok(Applied::Unchanged),
                 Change::Put { bins, .. } if bins.is_empty() && live.is_none() => {
                     return Ok(Applied::Unchanged);
                 }
                 Change::Delete if live.is_none() => return Ok(Applied::Unchanged),
-                Change::Put { set_name, bins, .. } if bins.is_empty() => (
-                    RecordVersion::Tombstone {
-                        digest: *digest,
-                        set_name,
-                        meta,
-                    },
-                    Applied::Deleted,
-                ),
-                Change::Delete => {
-                    let set_name =
-                        record
-                            .as_ref()
-                            .map(|r| r.set_name.clone())
-                            .unwrap_or_else(|| {
-                                live.map(|e| self.inner.sets.name(e.set_id))
-                                    .unwrap_or_default()
-                            });
-                    (
-                        RecordVersion::Tombstone {
-                            digest: *digest,
-                            set_name,
-                            meta,
-                        },
-                        Applied::Deleted,
-                    )
+                Change::Put { set_name, bins, .. } if bins.is_empty() => {
+                    (RecordVersion::Tombstone { digest: *digest, set_name, meta }, Applied::Deleted)
                 }
-                Change::Put {
-                    set_name,
-                    key,
-                    bins,
-                    void_time,
-                } => {
+                Change::Delete => {
+                    let set_name = record
+                        .as_ref()
+                        .map(|r| r.set_name.clone())
+                        .unwrap_or_else(|| live.map(|e| self.inner.sets.name(e.set_id)).unwrap_or_default());
+                    (RecordVersion::Tombstone { digest: *digest, set_name, meta }, Applied::Deleted)
+                }
+                Change::Put { set_name, key, bins, void_time } => {
                     let meta = RecordMeta { void_time, ..meta };
-                    let r = Record {
-                        digest: *digest,
-                        set_name,
-                        key,
-                        meta,
-                        bins,
-                    };
+                    let r = Record { digest: *digest, set_name, key, meta, bins };
                     (RecordVersion::Live(r), Applied::Written(meta))
                 }
             };
@@ -401,10 +327,7 @@ impl Engine {
         codec::encode(version, &mut bytes)?;
         let max = self.inner.config.max_record_bytes as usize;
         if bytes.len() > max {
-            return Err(Error::RecordTooBig {
-                size: bytes.len(),
-                max,
-            });
+            return Err(Error::RecordTooBig { size: bytes.len(), max });
         }
         let (set_name, tombstone, key_stored) = match version {
             RecordVersion::Live(r) => (&r.set_name, false, r.key.is_some()),
@@ -428,9 +351,7 @@ impl Engine {
             generation: meta.generation,
             void_time: meta.void_time,
             last_update_ms: meta.last_update_ms,
-            flags: EntryFlags::empty()
-                .with(EntryFlags::TOMBSTONE, tombstone)
-                .with(EntryFlags::KEY_STORED, key_stored),
+            flags: EntryFlags::empty().with(EntryFlags::TOMBSTONE, tombstone).with(EntryFlags::KEY_STORED, key_stored),
         };
         table.insert(entry);
         if let Some(old) = &current {
@@ -445,9 +366,7 @@ impl Engine {
     fn release(&self, old: &Entry, killer: WritePos) {
         if let Some(dev) = self.inner.devices.get(usize::from(old.location.device)) {
             let (block, _) = dev.writer.geometry().split(old.location.offset);
-            dev.writer
-                .blocks()
-                .remove_live(block, u64::from(old.location.size), killer);
+            dev.writer.blocks().remove_live(block, u64::from(old.location.size), killer);
         }
     }
 
@@ -501,11 +420,7 @@ impl Engine {
 }
 
 fn meta_of(e: &Entry) -> RecordMeta {
-    RecordMeta {
-        generation: e.generation,
-        void_time: e.void_time,
-        last_update_ms: e.last_update_ms,
-    }
+    RecordMeta { generation: e.generation, void_time: e.void_time, last_update_ms: e.last_update_ms }
 }
 
 fn check_generation(policy: GenerationPolicy, existing: Option<&Existing<'_>>) -> Result<()> {

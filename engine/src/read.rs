@@ -11,7 +11,7 @@ use peregrine_index::Entry;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::format::record::{self, Defect, RecordView};
-use crate::io::{AlignedBuf, IO_ALIGN_BYTES, align_down, align_up, await_io};
+use crate::io::{AlignedBuf, align_down, align_up, await_io};
 
 /// How often a read follows a record that keeps moving before giving up.
 const READ_ATTEMPTS_MAX: usize = 8;
@@ -19,28 +19,15 @@ const READ_ATTEMPTS_MAX: usize = 8;
 /// A record's verified bytes.
 #[derive(Debug)]
 pub(crate) enum RecordBytes {
-    Memory {
-        bytes: Vec<u8>,
-        sequence: u64,
-    },
-    Device {
-        buf: AlignedBuf,
-        start: usize,
-        len: usize,
-        sequence: u64,
-    },
+    Memory { bytes: Vec<u8>, sequence: u64 },
+    Device { buf: AlignedBuf, start: usize, len: usize, sequence: u64 },
 }
 
 impl RecordBytes {
     fn bytes_and_sequence(&self) -> (&[u8], u64) {
         match self {
             RecordBytes::Memory { bytes, sequence } => (bytes, *sequence),
-            RecordBytes::Device {
-                buf,
-                start,
-                len,
-                sequence,
-            } => (&buf.as_slice()[*start..*start + *len], *sequence),
+            RecordBytes::Device { buf, start, len, sequence } => (&buf.as_slice()[*start..*start + *len], *sequence),
         }
     }
 
@@ -66,37 +53,27 @@ impl Engine {
         let mut entry = *entry;
         for _ in 0..READ_ATTEMPTS_MAX {
             let detail = match self.read_once(&entry).await? {
-                Attempt::Ok(bytes) => return Ok(bytes),
+                Attempt::Ok(bytes) => {
+                    if matches!(bytes, RecordBytes::Device { .. }) {
+                        self.inner.counters.record_reads_from_device.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok(bytes);
+                }
                 Attempt::Defect(detail) => detail,
             };
             match self.inner.index.get(&entry.digest) {
-                Some(now)
-                    if now.location == entry.location && now.generation == entry.generation =>
-                {
-                    self.inner
-                        .counters
-                        .corruption_errors
-                        .fetch_add(1, Ordering::Relaxed);
+                Some(now) if now.location == entry.location && now.generation == entry.generation => {
+                    self.inner.counters.corruption_errors.fetch_add(1, Ordering::Relaxed);
                     let device = self
                         .inner
                         .devices
                         .get(usize::from(entry.location.device))
-                        .map_or_else(
-                            || format!("#{}", entry.location.device),
-                            |d| d.label.clone(),
-                        );
+                        .map_or_else(|| format!("#{}", entry.location.device), |d| d.label.clone());
                     tracing::error!(%device, offset = entry.location.offset, digest = %entry.digest, %detail, "corrupt record");
-                    return Err(Error::Corruption {
-                        device,
-                        offset: entry.location.offset,
-                        detail,
-                    });
+                    return Err(Error::Corruption { device, offset: entry.location.offset, detail });
                 }
                 Some(now) if !now.is_tombstone() => {
-                    self.inner
-                        .counters
-                        .read_retries
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.inner.counters.read_retries.fetch_add(1, Ordering::Relaxed);
                     entry = now;
                 }
                 _ => return Err(Error::NotFound),
@@ -108,10 +85,7 @@ impl Engine {
     async fn read_once(&self, entry: &Entry) -> Result<Attempt> {
         let loc = entry.location;
         let Some(dev) = self.inner.devices.get(usize::from(loc.device)) else {
-            return Ok(Attempt::Defect(format!(
-                "index names device {} which does not exist",
-                loc.device
-            )));
+            return Ok(Attempt::Defect(format!("index names device {} which does not exist", loc.device)));
         };
         let g = *dev.writer.geometry();
         let (block, offset) = g.split(loc.offset);
@@ -119,38 +93,21 @@ impl Engine {
         if let Some(mem) = dev.writer.mem_block(block) {
             let mut bytes = vec![0u8; size];
             mem.buf.read_at(offset as usize, &mut bytes);
-            self.inner
-                .counters
-                .memory_reads
-                .fetch_add(1, Ordering::Relaxed);
-            let got = RecordBytes::Memory {
-                bytes,
-                sequence: mem.sequence,
-            };
+            self.inner.counters.memory_reads.fetch_add(1, Ordering::Relaxed);
+            let got = RecordBytes::Memory { bytes, sequence: mem.sequence };
             return Ok(check(got, entry));
         }
         let sequence = dev.writer.blocks().sequence(block);
-        let align = IO_ALIGN_BYTES as u64;
+        let align = dev.io.granule() as u64;
         let start = align_down(loc.offset, align);
         let end = align_up(loc.offset + loc.size as u64, align);
         let len = (end - start) as usize;
         let buf = await_io(dev.io.read(start, AlignedBuf::zeroed(len), len))
             .await
             .map_err(|e| Error::io(format!("reading {} at {}", dev.label, loc.offset), e))?;
-        self.inner
-            .counters
-            .device_reads
-            .fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .counters
-            .device_read_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
-        let got = RecordBytes::Device {
-            buf,
-            start: (loc.offset - start) as usize,
-            len: size,
-            sequence,
-        };
+        self.inner.counters.device_reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.device_read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        let got = RecordBytes::Device { buf, start: (loc.offset - start) as usize, len: size, sequence };
         Ok(check(got, entry))
     }
 }
@@ -161,14 +118,10 @@ fn check(got: RecordBytes, entry: &Entry) -> Attempt {
     let problem = match record::parse(bytes, sequence) {
         Err(Defect::Checksum) => Some("checksum mismatch".to_string()),
         Err(d) => Some(d.to_string()),
-        Ok(view) if view.digest() != entry.digest => {
-            Some(format!("found digest {} instead", view.digest()))
+        Ok(view) if view.digest() != entry.digest => Some(format!("found digest {} instead", view.digest())),
+        Ok(view) if view.meta().generation != entry.generation => {
+            Some(format!("found generation {} instead of {}", view.meta().generation, entry.generation))
         }
-        Ok(view) if view.meta().generation != entry.generation => Some(format!(
-            "found generation {} instead of {}",
-            view.meta().generation,
-            entry.generation
-        )),
         Ok(view) if view.extent() != entry.location.size as usize => {
             Some("record extent differs from the index".into())
         }

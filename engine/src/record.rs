@@ -52,10 +52,7 @@ impl BinName {
         }
         let mut bytes = [0u8; BIN_NAME_BYTES_MAX];
         bytes[..name.len()].copy_from_slice(name);
-        Ok(BinName {
-            len: name.len() as u8,
-            bytes,
-        })
+        Ok(BinName { len: name.len() as u8, bytes })
     }
 
     /// The name's bytes.
@@ -116,11 +113,9 @@ impl Value {
         match self {
             Value::Int(_) | Value::Float(_) => 8,
             Value::Bool(_) => 1,
-            Value::String(b)
-            | Value::Blob(b)
-            | Value::List(b)
-            | Value::Map(b)
-            | Value::Other { bytes: b, .. } => b.len(),
+            Value::String(b) | Value::Blob(b) | Value::List(b) | Value::Map(b) | Value::Other { bytes: b, .. } => {
+                b.len()
+            }
         }
     }
 
@@ -130,11 +125,9 @@ impl Value {
             Value::Int(v) => out.extend_from_slice(&v.to_le_bytes()),
             Value::Float(v) => out.extend_from_slice(&v.to_bits().to_le_bytes()),
             Value::Bool(v) => out.push(u8::from(*v)),
-            Value::String(b)
-            | Value::Blob(b)
-            | Value::List(b)
-            | Value::Map(b)
-            | Value::Other { bytes: b, .. } => out.extend_from_slice(b),
+            Value::String(b) | Value::Blob(b) | Value::List(b) | Value::Map(b) | Value::Other { bytes: b, .. } => {
+                out.extend_from_slice(b)
+            }
         }
     }
 
@@ -142,9 +135,7 @@ impl Value {
     pub fn decode(particle_type: u8, bytes: &[u8]) -> Option<Value> {
         Some(match particle_type {
             particle::INTEGER => Value::Int(i64::from_le_bytes(bytes.try_into().ok()?)),
-            particle::FLOAT => {
-                Value::Float(f64::from_bits(u64::from_le_bytes(bytes.try_into().ok()?)))
-            }
+            particle::FLOAT => Value::Float(f64::from_bits(u64::from_le_bytes(bytes.try_into().ok()?))),
             particle::BOOL => match bytes {
                 [0] => Value::Bool(false),
                 [1] => Value::Bool(true),
@@ -155,10 +146,7 @@ impl Value {
             particle::LIST => Value::List(bytes.to_vec()),
             particle::MAP => Value::Map(bytes.to_vec()),
             particle::NULL => return None,
-            other => Value::Other {
-                particle_type: other,
-                bytes: bytes.to_vec(),
-            },
+            other => Value::Other { particle_type: other, bytes: bytes.to_vec() },
         })
     }
 }
@@ -175,10 +163,7 @@ pub struct Bin {
 impl Bin {
     /// A bin from a name and value; fails when the name is empty or longer than 15 bytes.
     pub fn new(name: &str, value: Value) -> Result<Bin> {
-        Ok(Bin {
-            name: BinName::new(name.as_bytes())?,
-            value,
-        })
+        Ok(Bin { name: BinName::new(name.as_bytes())?, value })
     }
 }
 
@@ -221,10 +206,7 @@ pub struct Record {
 impl Record {
     /// The bin called `name`, if any.
     pub fn bin(&self, name: &str) -> Option<&Value> {
-        self.bins
-            .iter()
-            .find(|b| b.name.as_bytes() == name.as_bytes())
-            .map(|b| &b.value)
+        self.bins.iter().find(|b| b.name.as_bytes() == name.as_bytes()).map(|b| &b.value)
     }
 }
 
@@ -276,10 +258,7 @@ mod tests {
     fn bin_names_are_bounded() {
         assert!(BinName::new(b"a").is_ok());
         assert!(BinName::new(&[b'x'; 15]).is_ok());
-        assert!(matches!(
-            BinName::new(&[b'x'; 16]),
-            Err(Error::BinName { len: 16 })
-        ));
+        assert!(matches!(BinName::new(&[b'x'; 16]), Err(Error::BinName { len: 16 })));
         assert!(matches!(BinName::new(b""), Err(Error::BinName { len: 0 })));
     }
 
@@ -294,10 +273,7 @@ mod tests {
             Value::Blob(vec![0, 255]),
             Value::List(vec![0x92, 1, 2]),
             Value::Map(vec![0x80]),
-            Value::Other {
-                particle_type: particle::GEOJSON,
-                bytes: b"{}".to_vec(),
-            },
+            Value::Other { particle_type: particle::GEOJSON, bytes: b"{}".to_vec() },
         ];
         for v in values {
             let mut out = Vec::new();

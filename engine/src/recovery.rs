@@ -78,13 +78,8 @@ pub fn scan_block(
     header: &BlockHeader,
     mut visit: impl FnMut(u32, &record::RecordView<'_>),
 ) -> BlockScan {
-    let fill = (header.fill_end as usize)
-        .max(block_header::BYTES)
-        .min(bytes.len());
-    let mut scan = BlockScan {
-        end: block_header::BYTES as u32,
-        ..BlockScan::default()
-    };
+    let fill = (header.fill_end as usize).max(block_header::BYTES).min(bytes.len());
+    let mut scan = BlockScan { end: block_header::BYTES as u32, ..BlockScan::default() };
     let mut pos = block_header::BYTES;
     let mut bad_start: Option<usize> = None;
     while pos + record::HEADER_BYTES <= bytes.len() {
@@ -106,8 +101,7 @@ pub fn scan_block(
         }
     }
     if let Some(start) = bad_start {
-        scan.damaged
-            .push((start as u32, fill.max(start + RECORD_ALIGN_BYTES) as u32));
+        scan.damaged.push((start as u32, fill.max(start + RECORD_ALIGN_BYTES) as u32));
     }
     scan
 }
@@ -137,23 +131,14 @@ pub fn read_block_headers(target: &RecoveryTarget<'_>) -> Result<Vec<(u32, Block
     let mut next = 0u32;
     while next < target.block_count || !in_flight.is_empty() {
         while next < target.block_count && in_flight.len() < HEADER_READS_IN_FLIGHT {
-            let c = target.io.read(
-                g.block_offset(next),
-                AlignedBuf::zeroed(IO_ALIGN_BYTES),
-                IO_ALIGN_BYTES,
-            );
+            let c = target.io.read(g.block_offset(next), AlignedBuf::zeroed(IO_ALIGN_BYTES), IO_ALIGN_BYTES);
             in_flight.push_back((next, c));
             next += 1;
         }
         let Some((block, c)) = in_flight.pop_front() else {
             break;
         };
-        let buf = wait_io(c).map_err(|e| {
-            Error::io(
-                format!("reading block {block} header of {}", target.label),
-                e,
-            )
-        })?;
+        let buf = wait_io(c).map_err(|e| Error::io(format!("reading block {block} header of {}", target.label), e))?;
         if let Some(h) = BlockHeader::decode(buf.as_slice())
             && h.device_set_id == g.device_set_id
             && h.block_index == block
@@ -168,19 +153,14 @@ pub fn read_block_headers(target: &RecoveryTarget<'_>) -> Result<Vec<(u32, Block
 /// Bytes of a block worth reading: up to the recorded fill of a sealed block, else all of it.
 pub fn block_read_len(header: &BlockHeader, block_bytes: u32) -> usize {
     if header.sealed && header.fill_end > 0 {
-        align_up(u64::from(header.fill_end), IO_ALIGN_BYTES as u64).min(u64::from(block_bytes))
-            as usize
+        align_up(u64::from(header.fill_end), IO_ALIGN_BYTES as u64).min(u64::from(block_bytes)) as usize
     } else {
         block_bytes as usize
     }
 }
 
 /// Recovers one device into the shared index.
-pub fn recover_device(
-    target: &RecoveryTarget<'_>,
-    index: &Index,
-    sets: &SetRegistry,
-) -> Result<DeviceRecovery> {
+pub fn recover_device(target: &RecoveryTarget<'_>, index: &Index, sets: &SetRegistry) -> Result<DeviceRecovery> {
     let started = Instant::now();
     let g = target.geometry;
     let mut report = DeviceRecovery {
@@ -206,21 +186,13 @@ pub fn recover_device(
                 break;
             };
             let len = block_read_len(h, g.block_bytes);
-            let buf = spare
-                .pop()
-                .unwrap_or_else(|| AlignedBuf::zeroed(g.block_bytes as usize));
-            in_flight.push_back((
-                *block,
-                *h,
-                len,
-                target.io.read(g.block_offset(*block), buf, len),
-            ));
+            let buf = spare.pop().unwrap_or_else(|| AlignedBuf::zeroed(g.block_bytes as usize));
+            in_flight.push_back((*block, *h, len, target.io.read(g.block_offset(*block), buf, len)));
         }
         let Some((block, header, len, c)) = in_flight.pop_front() else {
             break;
         };
-        let buf = wait_io(c)
-            .map_err(|e| Error::io(format!("reading block {block} of {}", target.label), e))?;
+        let buf = wait_io(c).map_err(|e| Error::io(format!("reading block {block} of {}", target.label), e))?;
         report.bytes_read += len as u64;
         let mut failure = None;
         let scan = scan_block(&buf.as_slice()[..len], &header, |offset, view| {
@@ -235,13 +207,7 @@ pub fn recover_device(
         }
         report.records_scanned += scan.records;
         for (start, end) in scan.damaged {
-            tracing::warn!(
-                device = target.label,
-                block,
-                start,
-                end,
-                "skipping damaged or torn bytes"
-            );
+            tracing::warn!(device = target.label, block, start, end, "skipping damaged or torn bytes");
             report.damaged.push(DamagedRegion { block, start, end });
         }
         spare.push(buf);
@@ -269,16 +235,11 @@ fn apply(
         return Ok(());
     }
     let extent = view.extent() as u64;
-    let location = Location {
-        device: g.device_index,
-        offset: g.block_offset(block) + u64::from(offset),
-        size: extent as u32,
-    };
+    let location =
+        Location { device: g.device_index, offset: g.block_offset(block) + u64::from(offset), size: extent as u32 };
     let meta = view.meta();
     let mut flags = EntryFlags::empty();
-    flags = flags
-        .with(EntryFlags::TOMBSTONE, view.is_tombstone())
-        .with(EntryFlags::KEY_STORED, view.has_key());
+    flags = flags.with(EntryFlags::TOMBSTONE, view.is_tombstone()).with(EntryFlags::KEY_STORED, view.has_key());
     let set_id = sets.id_for(view.set_name())?;
     let candidate = Entry {
         digest,
@@ -301,9 +262,7 @@ fn apply(
             if (sequence, offset) > existing_pos {
                 table.insert(candidate);
                 target.blocks.add_live(block, extent);
-                target
-                    .blocks
-                    .remove_live(old_block, u64::from(existing.location.size), 0);
+                target.blocks.remove_live(old_block, u64::from(existing.location.size), 0);
             }
         }
     }

@@ -28,10 +28,7 @@ impl SetRegistry {
             return Ok(0);
         }
         if name.len() > SET_NAME_BYTES_MAX {
-            return Err(Error::SetName {
-                len: name.len(),
-                max: SET_NAME_BYTES_MAX,
-            });
+            return Err(Error::SetName { len: name.len(), max: SET_NAME_BYTES_MAX });
         }
         if let Some(id) = self.lookup(name) {
             return Ok(id);
@@ -41,9 +38,7 @@ impl SetRegistry {
             return Ok(id);
         }
         if inner.names.len() >= usize::from(SET_ID_MAX) {
-            return Err(Error::TooManySets {
-                max: usize::from(SET_ID_MAX),
-            });
+            return Err(Error::TooManySets { max: usize::from(SET_ID_MAX) });
         }
         inner.names.push(name.to_vec());
         let id = inner.names.len() as u16;
@@ -56,12 +51,7 @@ impl SetRegistry {
         if name.is_empty() {
             return Some(0);
         }
-        self.inner
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_name
-            .get(name)
-            .copied()
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).by_name.get(name).copied()
     }
 
     /// The name of set `id` (empty for 0).
@@ -70,22 +60,13 @@ impl SetRegistry {
             return Vec::new();
         }
         let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
-        inner
-            .names
-            .get(usize::from(id) - 1)
-            .cloned()
-            .unwrap_or_default()
+        inner.names.get(usize::from(id) - 1).cloned().unwrap_or_default()
     }
 
     /// Every known set name with its id.
     pub fn all(&self) -> Vec<(u16, Vec<u8>)> {
         let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
-        inner
-            .names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (i as u16 + 1, n.clone()))
-            .collect()
+        inner.names.iter().enumerate().map(|(i, n)| (i as u16 + 1, n.clone())).collect()
     }
 }
 
@@ -105,9 +86,6 @@ mod tests {
         for i in 0..4093u32 {
             r.id_for(format!("s{i}").as_bytes()).unwrap();
         }
-        assert!(matches!(
-            r.id_for(b"one-too-many"),
-            Err(Error::TooManySets { .. })
-        ));
+        assert!(matches!(r.id_for(b"one-too-many"), Err(Error::TooManySets { .. })));
     }
 }

@@ -21,9 +21,7 @@ use crate::clock::Clock;
 use crate::completion::{Completer, Completion, completion};
 use crate::error::{Error, Result};
 use crate::format::{block_header, record};
-use crate::io::{
-    AlignedBuf, DeviceIo, IO_ALIGN_BYTES, SharedBuf, WriteSource, align_down, align_up, wait_io,
-};
+use crate::io::{AlignedBuf, DeviceIo, IO_ALIGN_BYTES, SharedBuf, WriteSource, align_down, align_up, wait_io};
 
 /// Buffers kept for reuse after leaving the post-write cache.
 const BUFFER_POOL_MAX: usize = 4;
@@ -89,10 +87,7 @@ impl Geometry {
     /// (block, offset within block) of a device offset inside the block area.
     pub fn split(&self, offset: u64) -> (u32, u32) {
         let rel = offset - self.data_offset;
-        (
-            (rel / u64::from(self.block_bytes)) as u32,
-            (rel % u64::from(self.block_bytes)) as u32,
-        )
+        ((rel / u64::from(self.block_bytes)) as u32, (rel % u64::from(self.block_bytes)) as u32)
     }
 }
 
@@ -148,9 +143,7 @@ pub struct Writer {
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Writer")
-            .field("device", &self.label)
-            .finish()
+        f.debug_struct("Writer").field("device", &self.label).finish()
     }
 }
 
@@ -223,11 +216,7 @@ impl Writer {
 
     /// The block if it is in memory (open, sealed, or cached).
     pub fn mem_block(&self, block: u32) -> Option<Arc<MemBlock>> {
-        self.mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&block)
-            .cloned()
+        self.mem.read().unwrap_or_else(PoisonError::into_inner).get(&block).cloned()
     }
 
     /// Appends an encoded record (checksum not yet sealed) to the open block.
@@ -235,24 +224,15 @@ impl Writer {
         let len = record_bytes.len();
         let extent = record::extent(len);
         let block_bytes = self.geometry.block_bytes as usize;
-        assert!(
-            extent + block_header::BYTES <= block_bytes,
-            "record larger than a write block"
-        );
+        assert!(extent + block_header::BYTES <= block_bytes, "record larger than a write block");
         let mut st = self.lock();
         if let Some(reason) = &st.failed {
-            return Err(Error::Failed {
-                device: self.label.clone(),
-                reason: reason.clone(),
-            });
+            return Err(Error::Failed { device: self.label.clone(), reason: reason.clone() });
         }
         if st.stopping {
             return Err(Error::Shutdown);
         }
-        let fits = st
-            .open
-            .as_ref()
-            .is_some_and(|o| o.fill as usize + extent <= block_bytes);
+        let fits = st.open.as_ref().is_some_and(|o| o.fill as usize + extent <= block_bytes);
         if !fits {
             self.open_new_block(&mut st)?;
         }
@@ -265,17 +245,13 @@ impl Writer {
         // mark, so no reader or in-flight device write relies on these bytes yet.
         unsafe {
             open.mem.buf.write_at(offset, record_bytes);
-            open.mem
-                .buf
-                .write_at(offset + len, &[0u8; 16][..extent - len]);
+            open.mem.buf.write_at(offset + len, &[0u8; 16][..extent - len]);
         }
         open.fill += extent as u32;
         let block = open.mem.index;
         let pos = write_pos(open.mem.sequence, open.fill);
         self.blocks.add_live(block, extent as u64);
-        self.counters
-            .appended_bytes
-            .fetch_add(extent as u64, Ordering::Relaxed);
+        self.counters.appended_bytes.fetch_add(extent as u64, Ordering::Relaxed);
         if open.fill as usize + record::HEADER_BYTES > block_bytes {
             self.seal_open(&mut st);
         }
@@ -294,11 +270,7 @@ impl Writer {
             offset: self.geometry.block_offset(block) + offset as u64,
             size: extent as u32,
         };
-        Ok(Appended {
-            location,
-            pos,
-            durable,
-        })
+        Ok(Appended { location, pos, durable })
     }
 
     fn seal_open(&self, st: &mut State) {
@@ -321,17 +293,11 @@ impl Writer {
         }
         let sequence = st.next_sequence;
         let Some(block) = self.blocks.allocate(sequence) else {
-            return Err(Error::DeviceFull(format!(
-                "{} has no free write block",
-                self.label
-            )));
+            return Err(Error::DeviceFull(format!("{} has no free write block", self.label)));
         };
         st.next_sequence += 1;
         self.seal_open(st);
-        let mut buf = st
-            .pool
-            .pop()
-            .unwrap_or_else(|| AlignedBuf::zeroed(self.geometry.block_bytes as usize));
+        let mut buf = st.pool.pop().unwrap_or_else(|| AlignedBuf::zeroed(self.geometry.block_bytes as usize));
         buf.fill_zero();
         let opened_unix_ms = self.clock.now_unix_ms();
         let header = block_header::BlockHeader {
@@ -350,15 +316,8 @@ impl Writer {
             buf: Arc::new(SharedBuf::new(buf)),
             flushed_to: AtomicU32::new(0),
         });
-        self.mem
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(block, mem.clone());
-        st.open = Some(OpenBlock {
-            mem,
-            fill: block_header::BYTES as u32,
-            opened_unix_ms,
-        });
+        self.mem.write().unwrap_or_else(PoisonError::into_inner).insert(block, mem.clone());
+        st.open = Some(OpenBlock { mem, fill: block_header::BYTES as u32, opened_unix_ms });
         Ok(())
     }
 
@@ -386,10 +345,7 @@ impl Writer {
             if st.failed.is_some() {
                 let reason = st.failed.clone().unwrap_or_default();
                 for (_, w) in st.waiters.drain(..) {
-                    w.complete(Err(Error::Failed {
-                        device: self.label.clone(),
-                        reason: reason.clone(),
-                    }));
+                    w.complete(Err(Error::Failed { device: self.label.clone(), reason: reason.clone() }));
                 }
                 if st.stopping {
                     return Job::Stop;
@@ -412,11 +368,7 @@ impl Writer {
                 }
                 _ => Duration::from_millis(500),
             };
-            st = self
-                .wake
-                .wait_timeout(st, timeout)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            st = self.wake.wait_timeout(st, timeout).unwrap_or_else(PoisonError::into_inner).0;
         }
     }
 
@@ -427,9 +379,8 @@ impl Writer {
         let to = align_up(u64::from(fill), IO_ALIGN_BYTES as u64) as usize;
         let pos = write_pos(mem.sequence, fill);
         let wants_sync = self.lock().waiters.iter().any(|(p, _)| *p <= pos);
-        let result = self
-            .write_range(mem, from, to, from > 0)
-            .and_then(|()| if wants_sync { self.sync() } else { Ok(()) });
+        let result =
+            self.write_range(mem, from, to, from > 0).and_then(|()| if wants_sync { self.sync() } else { Ok(()) });
         let mut st = self.lock();
         if let Err(e) = result {
             self.fail(&mut st, format!("writing block {}: {e}", mem.index));
@@ -453,9 +404,7 @@ impl Writer {
                 return;
             }
             st.oldest_unflushed = None;
-            st.open
-                .as_ref()
-                .map(|o| (o.mem.clone(), o.fill, o.opened_unix_ms))
+            st.open.as_ref().map(|o| (o.mem.clone(), o.fill, o.opened_unix_ms))
         };
         let Some((mem, fill, opened_unix_ms)) = snapshot else {
             // No open block: everything appended is written; waiters only need the sync.
@@ -484,13 +433,7 @@ impl Writer {
         let pos = write_pos(mem.sequence, fill);
         let result = self
             .write_range(&mem, from, to, !commit && from > 0)
-            .and_then(|()| {
-                if commit || self.lock().stopping {
-                    self.sync()
-                } else {
-                    Ok(())
-                }
-            });
+            .and_then(|()| if commit || self.lock().stopping { self.sync() } else { Ok(()) });
         let mut st = self.lock();
         if let Err(e) = result {
             self.fail(&mut st, format!("flushing block {}: {e}", mem.index));
@@ -531,8 +474,7 @@ impl Writer {
                 }
             }
         }
-        self.blocks
-            .release_pending(self.durable.load(Ordering::SeqCst));
+        self.blocks.release_pending(self.durable.load(Ordering::SeqCst));
     }
 
     fn fail(&self, st: &mut State, reason: String) {
@@ -541,10 +483,7 @@ impl Writer {
             st.failed = Some(reason.clone());
         }
         for (_, w) in st.waiters.drain(..) {
-            w.complete(Err(Error::Failed {
-                device: self.label.clone(),
-                reason: reason.clone(),
-            }));
+            w.complete(Err(Error::Failed { device: self.label.clone(), reason: reason.clone() }));
         }
     }
 
@@ -569,13 +508,7 @@ impl Writer {
         }
     }
 
-    fn write_range(
-        &self,
-        mem: &Arc<MemBlock>,
-        from: usize,
-        to: usize,
-        header_sector_last: bool,
-    ) -> io::Result<()> {
+    fn write_range(&self, mem: &Arc<MemBlock>, from: usize, to: usize, header_sector_last: bool) -> io::Result<()> {
         let base = self.geometry.block_offset(mem.index);
         let chunk = self.config.write_chunk_bytes as usize;
         let depth = self.config.write_queue_depth as usize;
@@ -598,16 +531,10 @@ impl Writer {
                     wait_io(c)?;
                 }
             }
-            let src = WriteSource {
-                buf: mem.buf.clone(),
-                start: off,
-                len,
-            };
+            let src = WriteSource { buf: mem.buf.clone(), start: off, len };
             in_flight.push_back(self.io.write(base + off as u64, src));
             self.counters.writes.fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .write_bytes
-                .fetch_add(len as u64, Ordering::Relaxed);
+            self.counters.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
             while in_flight.len() >= depth {
                 if let Some(c) = in_flight.pop_front() {
                     wait_io(c)?;
@@ -629,10 +556,7 @@ impl Writer {
     pub fn flush(&self) -> Completion<Result<()>> {
         let mut st = self.lock();
         if let Some(reason) = &st.failed {
-            return Completion::ready(Err(Error::Failed {
-                device: self.label.clone(),
-                reason: reason.clone(),
-            }));
+            return Completion::ready(Err(Error::Failed { device: self.label.clone(), reason: reason.clone() }));
         }
         let target = match (&st.open, st.sealed.back()) {
             (Some(o), _) => write_pos(o.mem.sequence, o.fill),

@@ -161,38 +161,14 @@ mod tests {
     #[test]
     fn digests_match_official_client() {
         let cases: [(&[u8], KeyRef<'_>, &str); 5] = [
-            (
-                b"demo",
-                KeyRef::Int(1),
-                "b7f4b83889e2da67de683e1df6919a1eacc446c8",
-            ),
-            (
-                b"",
-                KeyRef::Int(1),
-                "a443f05d05d962202b59abb402afae1737dbf66a",
-            ),
-            (
-                b"users",
-                KeyRef::Int(-5),
-                "6c247220cafdcbb35b1fb96d90e256e710c96809",
-            ),
-            (
-                b"s",
-                KeyRef::Blob(&[1, 2]),
-                "fde5aa3349c0054f4301a5cf43ed250bd04bdfcd",
-            ),
-            (
-                b"demo",
-                KeyRef::String(b""),
-                "6253653507ba82c3f57c87af2f86d39033149e0c",
-            ),
+            (b"demo", KeyRef::Int(1), "b7f4b83889e2da67de683e1df6919a1eacc446c8"),
+            (b"", KeyRef::Int(1), "a443f05d05d962202b59abb402afae1737dbf66a"),
+            (b"users", KeyRef::Int(-5), "6c247220cafdcbb35b1fb96d90e256e710c96809"),
+            (b"s", KeyRef::Blob(&[1, 2]), "fde5aa3349c0054f4301a5cf43ed250bd04bdfcd"),
+            (b"demo", KeyRef::String(b""), "6253653507ba82c3f57c87af2f86d39033149e0c"),
         ];
         for (set, key, hex) in cases {
-            assert_eq!(
-                Digest::of_key(set, key).to_hex(),
-                hex,
-                "set {set:?} key {key:?}"
-            );
+            assert_eq!(Digest::of_key(set, key).to_hex(), hex, "set {set:?} key {key:?}");
         }
     }
 

@@ -106,11 +106,7 @@ impl EntryFlags {
 
     /// `self` with the flags of `other` set or cleared.
     pub const fn with(self, other: EntryFlags, on: bool) -> EntryFlags {
-        if on {
-            EntryFlags(self.0 | other.0)
-        } else {
-            EntryFlags(self.0 & !other.0)
-        }
+        if on { EntryFlags(self.0 | other.0) } else { EntryFlags(self.0 & !other.0) }
     }
 }
 
@@ -147,15 +143,8 @@ pub(crate) const EMPTY: Packed = [0; PACKED_ENTRY_LEN];
 
 /// Packs `entry`. The caller guarantees the digest belongs to the table's partition.
 pub(crate) fn pack(entry: &Entry) -> Packed {
-    assert!(
-        entry.generation != 0,
-        "generation 0 is reserved for empty slots"
-    );
-    assert!(
-        entry.set_id <= SET_ID_MAX,
-        "set id {} exceeds 12 bits",
-        entry.set_id
-    );
+    assert!(entry.generation != 0, "generation 0 is reserved for empty slots");
+    assert!(entry.set_id <= SET_ID_MAX, "set id {} exceeds 12 bits", entry.set_id);
     let mut out = EMPTY;
     out[0..18].copy_from_slice(&entry.digest.0[2..DIGEST_LEN]);
     let nibble_and_set = u16::from(entry.digest.0[1] >> 4) | (entry.set_id << 4);
@@ -228,11 +217,7 @@ mod tests {
         Entry {
             digest: Digest::of_key(b"set", KeyRef::Int(i)),
             set_id: 4095,
-            location: Location {
-                device: 127,
-                offset: DEVICE_BYTES_MAX - 16,
-                size: RECORD_EXTENT_BYTES_MAX,
-            },
+            location: Location { device: 127, offset: DEVICE_BYTES_MAX - 16, size: RECORD_EXTENT_BYTES_MAX },
             generation: 65535,
             void_time: u32::MAX,
             last_update_ms: LAST_UPDATE_MS_MAX,
@@ -257,11 +242,7 @@ mod tests {
         let e = Entry {
             digest: Digest::of_key(b"", KeyRef::String(b"x")),
             set_id: 0,
-            location: Location {
-                device: 0,
-                offset: 0,
-                size: 16,
-            },
+            location: Location { device: 0, offset: 0, size: 16 },
             generation: 1,
             void_time: 0,
             last_update_ms: 0,
@@ -272,54 +253,17 @@ mod tests {
 
     #[test]
     fn location_validity() {
-        assert!(
-            !Location {
-                device: 128,
-                offset: 0,
-                size: 16
-            }
-            .is_valid()
-        );
-        assert!(
-            !Location {
-                device: 0,
-                offset: 8,
-                size: 16
-            }
-            .is_valid()
-        );
-        assert!(
-            !Location {
-                device: 0,
-                offset: 0,
-                size: 0
-            }
-            .is_valid()
-        );
-        assert!(
-            !Location {
-                device: 0,
-                offset: 0,
-                size: RECORD_EXTENT_BYTES_MAX + 16
-            }
-            .is_valid()
-        );
-        assert!(
-            !Location {
-                device: 0,
-                offset: DEVICE_BYTES_MAX,
-                size: 16
-            }
-            .is_valid()
-        );
+        assert!(!Location { device: 128, offset: 0, size: 16 }.is_valid());
+        assert!(!Location { device: 0, offset: 8, size: 16 }.is_valid());
+        assert!(!Location { device: 0, offset: 0, size: 0 }.is_valid());
+        assert!(!Location { device: 0, offset: 0, size: RECORD_EXTENT_BYTES_MAX + 16 }.is_valid());
+        assert!(!Location { device: 0, offset: DEVICE_BYTES_MAX, size: 16 }.is_valid());
     }
 
     #[test]
     fn order_hash_follows_digest_order_within_a_partition() {
-        let mut digests: Vec<Digest> = (0..200_000)
-            .map(|i| Digest::of_key(b"", KeyRef::Int(i)))
-            .filter(|d| d.partition().get() == 7)
-            .collect();
+        let mut digests: Vec<Digest> =
+            (0..200_000).map(|i| Digest::of_key(b"", KeyRef::Int(i))).filter(|d| d.partition().get() == 7).collect();
         assert!(digests.len() > 1);
         digests.sort();
         for pair in digests.windows(2) {

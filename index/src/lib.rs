@@ -13,12 +13,12 @@ mod table;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use digest::{
-    DIGEST_LEN, Digest, KEY_TYPE_BLOB, KEY_TYPE_FLOAT, KEY_TYPE_INT, KEY_TYPE_STRING, KeyRef,
-    PARTITION_COUNT, PartitionId,
+    DIGEST_LEN, Digest, KEY_TYPE_BLOB, KEY_TYPE_FLOAT, KEY_TYPE_INT, KEY_TYPE_STRING, KeyRef, PARTITION_COUNT,
+    PartitionId,
 };
 pub use entry::{
-    DEVICE_BYTES_MAX, DEVICES_MAX, Entry, EntryFlags, LAST_UPDATE_MS_MAX, LOCATION_ALIGN_BYTES,
-    Location, PACKED_ENTRY_LEN, RECORD_EXTENT_BYTES_MAX, SET_ID_MAX,
+    DEVICE_BYTES_MAX, DEVICES_MAX, Entry, EntryFlags, LAST_UPDATE_MS_MAX, LOCATION_ALIGN_BYTES, Location,
+    PACKED_ENTRY_LEN, RECORD_EXTENT_BYTES_MAX, SET_ID_MAX,
 };
 pub use table::{LOAD_PERCENT_MAX, LOAD_PERCENT_MIN, PartitionTable};
 
@@ -37,25 +37,17 @@ impl Default for Index {
 impl Index {
     /// An empty index (4096 empty partition tables).
     pub fn new() -> Index {
-        Index {
-            partitions: PartitionId::all()
-                .map(|p| RwLock::new(PartitionTable::new(p)))
-                .collect(),
-        }
+        Index { partitions: PartitionId::all().map(|p| RwLock::new(PartitionTable::new(p))).collect() }
     }
 
     /// Shared access to one partition's table.
     pub fn read(&self, pid: PartitionId) -> RwLockReadGuard<'_, PartitionTable> {
-        self.partitions[pid.index()]
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.partitions[pid.index()].read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Exclusive access to one partition's table.
     pub fn write(&self, pid: PartitionId) -> RwLockWriteGuard<'_, PartitionTable> {
-        self.partitions[pid.index()]
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.partitions[pid.index()].write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The entry for `digest`, if present (tombstones included).
@@ -76,10 +68,7 @@ impl Index {
     /// Bytes of memory the index holds: slot arrays plus the fixed partition array.
     pub fn memory_bytes(&self) -> u64 {
         let fixed = std::mem::size_of_val(&*self.partitions) as u64;
-        fixed
-            + PartitionId::all()
-                .map(|p| self.read(p).heap_bytes() as u64)
-                .sum::<u64>()
+        fixed + PartitionId::all().map(|p| self.read(p).heap_bytes() as u64).sum::<u64>()
     }
 
     /// Entries of one partition with digest greater than `after`, sorted by digest.
@@ -96,11 +85,7 @@ mod tests {
         Entry {
             digest: Digest::of_key(b"", KeyRef::Int(i)),
             set_id: 0,
-            location: Location {
-                device: 0,
-                offset: 1 << 20,
-                size: 1040,
-            },
+            location: Location { device: 0, offset: 1 << 20, size: 1040 },
             generation: 1,
             void_time: 0,
             last_update_ms: 1,
@@ -125,13 +110,8 @@ mod tests {
         });
         assert_eq!(index.len(), 200_000);
         let per_record = index.memory_bytes() as f64 / 200_000.0;
-        assert!(
-            per_record < 64.0,
-            "index uses {per_record:.1} bytes per record"
-        );
-        let total: usize = PartitionId::all()
-            .map(|p| index.sorted_entries(p, None).len())
-            .sum();
+        assert!(per_record < 64.0, "index uses {per_record:.1} bytes per record");
+        let total: usize = PartitionId::all().map(|p| index.sorted_entries(p, None).len()).sum();
         assert_eq!(total, 200_000);
     }
 }

@@ -8,8 +8,7 @@
 
 use crate::digest::{Digest, PartitionId};
 use crate::entry::{
-    EMPTY, Entry, PACKED_ENTRY_LEN, Packed, is_empty, order_hash, pack, slot_matches,
-    slot_order_hash, unpack,
+    EMPTY, Entry, PACKED_ENTRY_LEN, Packed, is_empty, order_hash, pack, slot_matches, slot_order_hash, unpack,
 };
 
 /// The table grows when an insert would push the load above this fraction (percent).
@@ -32,11 +31,7 @@ pub struct PartitionTable {
 impl PartitionTable {
     /// An empty table for partition `pid` (allocates nothing).
     pub fn new(pid: PartitionId) -> PartitionTable {
-        PartitionTable {
-            pid,
-            slots: Vec::new(),
-            len: 0,
-        }
+        PartitionTable { pid, slots: Vec::new(), len: 0 }
     }
 
     /// The partition this table holds.
@@ -71,11 +66,7 @@ impl PartitionTable {
 
     /// Inserts or replaces the entry for `entry.digest`; returns the previous entry.
     pub fn insert(&mut self, entry: Entry) -> Option<Entry> {
-        assert_eq!(
-            entry.digest.partition(),
-            self.pid,
-            "digest belongs to another partition"
-        );
+        assert_eq!(entry.digest.partition(), self.pid, "digest belongs to another partition");
         let packed = pack(&entry);
         if let Some(i) = self.find(&entry.digest) {
             let old = unpack(self.pid, &self.slots[i]);
@@ -117,10 +108,7 @@ impl PartitionTable {
 
     /// All entries in slot order (nearly digest order).
     pub fn iter(&self) -> impl Iterator<Item = Entry> + '_ {
-        self.slots
-            .iter()
-            .filter(|s| !is_empty(s))
-            .map(|s| unpack(self.pid, s))
+        self.slots.iter().filter(|s| !is_empty(s)).map(|s| unpack(self.pid, s))
     }
 
     /// All entries whose digest is greater than `after` (all when `None`), sorted by digest.
@@ -139,11 +127,7 @@ impl PartitionTable {
 
     fn distance(&self, index: usize, slot: &Packed) -> usize {
         let home = self.home(slot_order_hash(slot));
-        if index >= home {
-            index - home
-        } else {
-            index + self.slots.len() - home
-        }
+        if index >= home { index - home } else { index + self.slots.len() - home }
     }
 
     fn find(&self, digest: &Digest) -> Option<usize> {
@@ -218,11 +202,7 @@ mod tests {
         Entry {
             digest: d,
             set_id: 3,
-            location: Location {
-                device: 1,
-                offset: 4096,
-                size: 1024,
-            },
+            location: Location { device: 1, offset: 4096, size: 1024 },
             generation,
             void_time: 7,
             last_update_ms: 99,
@@ -256,18 +236,13 @@ mod tests {
         let keys = digests_in(77, 5000);
         let mut state: u64 = 1;
         for step in 0..60_000u32 {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let d = keys[(state >> 33) as usize % keys.len()];
             let generation = (step % 65535 + 1) as u16;
             if (state >> 20).is_multiple_of(3) {
                 assert_eq!(table.remove(&d).map(|e| e.generation), model.remove(&d));
             } else {
-                assert_eq!(
-                    table.insert(entry(d, generation)).map(|e| e.generation),
-                    model.insert(d, generation)
-                );
+                assert_eq!(table.insert(entry(d, generation)).map(|e| e.generation), model.insert(d, generation));
             }
             assert_eq!(table.len(), model.len());
         }
@@ -278,11 +253,7 @@ mod tests {
         let expected: Vec<Digest> = model.keys().copied().collect();
         assert_eq!(sorted, expected);
         let pivot = expected[expected.len() / 2];
-        let after: Vec<Digest> = table
-            .sorted_after(Some(&pivot))
-            .iter()
-            .map(|e| e.digest)
-            .collect();
+        let after: Vec<Digest> = table.sorted_after(Some(&pivot)).iter().map(|e| e.digest).collect();
         assert_eq!(after, expected[expected.len() / 2 + 1..].to_vec());
     }
 
@@ -293,21 +264,14 @@ mod tests {
         let keys = digests_in(5, 20_000);
         for (i, d) in keys.iter().enumerate() {
             table.insert(entry(*d, 1));
-            assert!(
-                table.len() * 100 <= table.capacity() * LOAD_PERCENT_MAX,
-                "at {i}"
-            );
+            assert!(table.len() * 100 <= table.capacity() * LOAD_PERCENT_MAX, "at {i}");
         }
         let load = table.len() as f64 / table.capacity() as f64;
         assert!(load > 0.70, "load {load}");
         for d in &keys[..19_000] {
             assert!(table.remove(d).is_some());
         }
-        assert!(
-            table.capacity() < 2000,
-            "table did not shrink: {}",
-            table.capacity()
-        );
+        assert!(table.capacity() < 2000, "table did not shrink: {}", table.capacity());
         for d in &keys[19_000..] {
             assert!(table.get(d).is_some());
         }
@@ -322,10 +286,8 @@ mod tests {
     fn real_digests_round_trip_through_the_table() {
         let pid = Digest::of_key(b"s", KeyRef::Int(0)).partition();
         let mut table = PartitionTable::new(pid);
-        let mine: Vec<Digest> = (0..400_000)
-            .map(|i| Digest::of_key(b"s", KeyRef::Int(i)))
-            .filter(|d| d.partition() == pid)
-            .collect();
+        let mine: Vec<Digest> =
+            (0..400_000).map(|i| Digest::of_key(b"s", KeyRef::Int(i))).filter(|d| d.partition() == pid).collect();
         for d in &mine {
             assert!(table.insert(entry(*d, 2)).is_none());
         }

@@ -94,9 +94,7 @@ impl BlockHeader {
     /// Decodes and verifies a block header; `None` when the bytes are not a valid header.
     pub fn decode(bytes: &[u8]) -> Option<BlockHeader> {
         let h = bytes.get(..BYTES)?;
-        if get_u32(h, MAGIC_FIELD) != MAGIC
-            || get_u64(h, CHECKSUM) != checksum(&h[CHECKSUM.end()..], 0)
-        {
+        if get_u32(h, MAGIC_FIELD) != MAGIC || get_u64(h, CHECKSUM) != checksum(&h[CHECKSUM.end()..], 0) {
             return None;
         }
         if super::get_u16(h, VERSION) != super::device_header::FORMAT_VERSION as u16 {

@@ -118,10 +118,7 @@ pub enum SlotDefect {
 impl DeviceHeader {
     /// Encodes into a 4096-byte slot.
     pub fn encode(&self) -> [u8; SLOT_BYTES] {
-        assert!(
-            self.namespace.len() <= NAMESPACE_BYTES_MAX,
-            "namespace name too long"
-        );
+        assert!(self.namespace.len() <= NAMESPACE_BYTES_MAX, "namespace name too long");
         let mut s = [0u8; SLOT_BYTES];
         put_u64(&mut s, MAGIC_FIELD, MAGIC);
         put_u32(&mut s, VERSION, FORMAT_VERSION);
@@ -131,22 +128,13 @@ impl DeviceHeader {
         put_u32(&mut s, DEVICE_INDEX, self.device_index);
         put_u32(&mut s, DEVICE_COUNT, self.device_count);
         put_u32(&mut s, WRITE_BLOCK_BYTES, self.write_block_bytes);
-        put_u32(
-            &mut s,
-            FLAGS,
-            if self.clean_shutdown {
-                FLAG_CLEAN_SHUTDOWN
-            } else {
-                0
-            },
-        );
+        put_u32(&mut s, FLAGS, if self.clean_shutdown { FLAG_CLEAN_SHUTDOWN } else { 0 });
         put_u64(&mut s, DEVICE_BYTES, self.device_bytes);
         put_u64(&mut s, DATA_OFFSET, self.data_offset);
         put_u32(&mut s, BLOCK_COUNT, self.block_count);
         put_u64(&mut s, CREATED, self.created_unix_ms);
         s[NAMESPACE_LEN.offset] = self.namespace.len() as u8;
-        s[NAMESPACE.offset..NAMESPACE.offset + self.namespace.len()]
-            .copy_from_slice(self.namespace.as_bytes());
+        s[NAMESPACE.offset..NAMESPACE.offset + self.namespace.len()].copy_from_slice(self.namespace.as_bytes());
         let sum = checksum(&s[CHECKSUM.end()..], 0);
         put_u64(&mut s, CHECKSUM, sum);
         s
@@ -193,16 +181,13 @@ impl DeviceHeader {
         if header.device_count == 0 || header.device_index >= header.device_count {
             return Err(SlotDefect::Malformed("device index/count"));
         }
-        if !(super::WRITE_BLOCK_BYTES_MIN..=super::WRITE_BLOCK_BYTES_MAX)
-            .contains(&header.write_block_bytes)
+        if !(super::WRITE_BLOCK_BYTES_MIN..=super::WRITE_BLOCK_BYTES_MAX).contains(&header.write_block_bytes)
             || !header.write_block_bytes.is_power_of_two()
         {
             return Err(SlotDefect::Malformed("write block size"));
         }
-        let blocks_end = header.data_offset
-            + u64::from(header.block_count) * u64::from(header.write_block_bytes);
-        if header.data_offset < (SLOT_BYTES * SLOT_COUNT) as u64 || blocks_end > header.device_bytes
-        {
+        let blocks_end = header.data_offset + u64::from(header.block_count) * u64::from(header.write_block_bytes);
+        if header.data_offset < (SLOT_BYTES * SLOT_COUNT) as u64 || blocks_end > header.device_bytes {
             return Err(SlotDefect::Malformed("block area outside the device"));
         }
         Ok(header)
@@ -215,11 +200,7 @@ pub fn choose_slot(slots: &[u8]) -> Result<(DeviceHeader, usize), [SlotDefect; S
     let a = DeviceHeader::decode(slots.get(..SLOT_BYTES).unwrap_or(&[]));
     let b = DeviceHeader::decode(slots.get(SLOT_BYTES..2 * SLOT_BYTES).unwrap_or(&[]));
     match (a, b) {
-        (Ok(a), Ok(b)) => Ok(if b.generation > a.generation {
-            (b, 1)
-        } else {
-            (a, 0)
-        }),
+        (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { (b, 1) } else { (a, 0) }),
         (Ok(a), Err(_)) => Ok((a, 0)),
         (Err(_), Ok(b)) => Ok((b, 1)),
         (Err(ea), Err(eb)) => Err([ea, eb]),
@@ -253,20 +234,11 @@ mod tests {
         assert_eq!(DeviceHeader::decode(&s), Ok(h));
         s[100] ^= 1;
         assert_eq!(DeviceHeader::decode(&s), Err(SlotDefect::Checksum));
-        assert_eq!(
-            DeviceHeader::decode(&[0u8; SLOT_BYTES]),
-            Err(SlotDefect::Blank)
-        );
-        assert_eq!(
-            DeviceHeader::decode(&[0xAB; SLOT_BYTES]),
-            Err(SlotDefect::Foreign)
-        );
+        assert_eq!(DeviceHeader::decode(&[0u8; SLOT_BYTES]), Err(SlotDefect::Blank));
+        assert_eq!(DeviceHeader::decode(&[0xAB; SLOT_BYTES]), Err(SlotDefect::Foreign));
         let mut bad = sample();
         bad.device_index = 2;
-        assert_eq!(
-            DeviceHeader::decode(&bad.encode()),
-            Err(SlotDefect::Malformed("device index/count"))
-        );
+        assert_eq!(DeviceHeader::decode(&bad.encode()), Err(SlotDefect::Malformed("device index/count")));
     }
 
     #[test]

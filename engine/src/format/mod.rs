@@ -20,20 +20,12 @@ pub struct Field {
 impl Field {
     /// The first field of a structure.
     pub const fn first(name: &'static str, size: usize) -> Field {
-        Field {
-            name,
-            offset: 0,
-            size,
-        }
+        Field { name, offset: 0, size }
     }
 
     /// The field that follows `prev`.
     pub const fn after(prev: Field, name: &'static str, size: usize) -> Field {
-        Field {
-            name,
-            offset: prev.offset + prev.size,
-            size,
-        }
+        Field { name, offset: prev.offset + prev.size, size }
     }
 
     /// Offset just past this field.
@@ -94,16 +86,8 @@ pub(crate) fn checksum(bytes: &[u8], seed: u64) -> u64 {
 /// Every documented structure, for the documentation test.
 pub fn documented_structures() -> [(&'static str, &'static [Field], usize); 3] {
     [
-        (
-            "Device header slot",
-            device_header::FIELDS,
-            device_header::SLOT_BYTES,
-        ),
-        (
-            "Write block header",
-            block_header::FIELDS,
-            block_header::BYTES,
-        ),
+        ("Device header slot", device_header::FIELDS, device_header::SLOT_BYTES),
+        ("Write block header", block_header::FIELDS, block_header::BYTES),
         ("Record header", record::HEADER_FIELDS, record::HEADER_BYTES),
     ]
 }
@@ -132,14 +116,9 @@ mod tests {
                     Some((offset, size, cells.get(2)?.trim_matches('`').to_string()))
                 })
                 .collect();
-            let expected: Vec<(usize, usize, String)> = fields
-                .iter()
-                .map(|f| (f.offset, f.size, f.name.to_string()))
-                .collect();
-            assert_eq!(
-                rows, expected,
-                "section '{title}' of docs/FORMAT.md disagrees with the code"
-            );
+            let expected: Vec<(usize, usize, String)> =
+                fields.iter().map(|f| (f.offset, f.size, f.name.to_string())).collect();
+            assert_eq!(rows, expected, "section '{title}' of docs/FORMAT.md disagrees with the code");
             let last = fields.last().unwrap();
             assert!(last.end() <= total, "{title}: fields overrun the structure");
             assert!(
@@ -159,10 +138,7 @@ mod tests {
         ] {
             let needle = format!("`{name}` = {value:#x}");
             let alt = format!("`{name}` = {value}");
-            assert!(
-                doc.contains(&needle) || doc.contains(&alt),
-                "docs/FORMAT.md must state {alt} (or hex)"
-            );
+            assert!(doc.contains(&needle) || doc.contains(&alt), "docs/FORMAT.md must state {alt} (or hex)");
         }
     }
 }

@@ -8,13 +8,11 @@
 
 use peregrine_index::{DIGEST_LEN, Digest};
 
-use super::{
-    Field, RECORD_ALIGN_BYTES, checksum, get_u16, get_u32, get_u64, put_u16, put_u32, put_u64,
-};
+use super::{Field, RECORD_ALIGN_BYTES, checksum, get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
 use crate::error::{Error, Result};
 use crate::record::{
-    BIN_NAME_BYTES_MAX, BINS_PER_RECORD_MAX, Bin, BinName, Record, RecordMeta, RecordVersion,
-    SET_NAME_BYTES_MAX, StoredKey, Value,
+    BIN_NAME_BYTES_MAX, BINS_PER_RECORD_MAX, Bin, BinName, Record, RecordMeta, RecordVersion, SET_NAME_BYTES_MAX,
+    StoredKey, Value,
 };
 
 /// Size of the fixed record header.
@@ -78,18 +76,11 @@ pub fn encode(version: &RecordVersion, out: &mut Vec<u8>) -> Result<()> {
     out.clear();
     out.resize(HEADER_BYTES, 0);
     let (set_name, meta, flags) = match version {
-        RecordVersion::Live(r) => (
-            &r.set_name,
-            &r.meta,
-            if r.key.is_some() { FLAG_KEY_STORED } else { 0 },
-        ),
+        RecordVersion::Live(r) => (&r.set_name, &r.meta, if r.key.is_some() { FLAG_KEY_STORED } else { 0 }),
         RecordVersion::Tombstone { set_name, meta, .. } => (set_name, meta, FLAG_TOMBSTONE),
     };
     if set_name.len() > SET_NAME_BYTES_MAX {
-        return Err(Error::SetName {
-            len: set_name.len(),
-            max: SET_NAME_BYTES_MAX,
-        });
+        return Err(Error::SetName { len: set_name.len(), max: SET_NAME_BYTES_MAX });
     }
     out.extend_from_slice(set_name);
     let mut key_len = 0u32;
@@ -98,14 +89,10 @@ pub fn encode(version: &RecordVersion, out: &mut Vec<u8>) -> Result<()> {
         if let Some(key) = &r.key {
             out.push(key.particle_type);
             out.extend_from_slice(&key.bytes);
-            key_len = u32::try_from(1 + key.bytes.len())
-                .map_err(|_| Error::Parameter("user key too long".into()))?;
+            key_len = u32::try_from(1 + key.bytes.len()).map_err(|_| Error::Parameter("user key too long".into()))?;
         }
         if r.bins.len() > BINS_PER_RECORD_MAX {
-            return Err(Error::TooManyBins {
-                count: r.bins.len(),
-                max: BINS_PER_RECORD_MAX,
-            });
+            return Err(Error::TooManyBins { count: r.bins.len(), max: BINS_PER_RECORD_MAX });
         }
         bin_count = r.bins.len() as u16;
         for bin in &r.bins {
@@ -113,16 +100,13 @@ pub fn encode(version: &RecordVersion, out: &mut Vec<u8>) -> Result<()> {
             out.push(name.len() as u8);
             out.extend_from_slice(name);
             out.push(bin.value.particle_type());
-            let len = u32::try_from(bin.value.encoded_len())
-                .map_err(|_| Error::Parameter("bin value too long".into()))?;
+            let len =
+                u32::try_from(bin.value.encoded_len()).map_err(|_| Error::Parameter("bin value too long".into()))?;
             out.extend_from_slice(&len.to_le_bytes());
             bin.value.encode_into(out);
         }
     }
-    let len = u32::try_from(out.len()).map_err(|_| Error::RecordTooBig {
-        size: out.len(),
-        max: u32::MAX as usize,
-    })?;
+    let len = u32::try_from(out.len()).map_err(|_| Error::RecordTooBig { size: out.len(), max: u32::MAX as usize })?;
     let h = &mut out[..HEADER_BYTES];
     put_u32(h, MAGIC_FIELD, MAGIC);
     put_u32(h, LENGTH, len);
@@ -212,18 +196,14 @@ pub fn parse(bytes: &[u8], block_sequence: u64) -> Result<RecordView<'_>, Defect
         .and_then(|n| n.checked_add(key_len))
         .filter(|&n| n <= len)
         .ok_or(Defect::Structure("set name and key run past the record"))?;
-    let view = RecordView {
-        bytes: rec,
-        bins_offset,
-    };
+    let view = RecordView { bytes: rec, bins_offset };
     if view.is_tombstone() && view.bin_count() != 0 {
         return Err(Defect::Structure("tombstone with bins"));
     }
     // Walk the bins once so later decoding cannot fail.
     let mut pos = bins_offset;
     for _ in 0..view.bin_count() {
-        let (_, _, _, next) =
-            bin_at(rec, pos).ok_or(Defect::Structure("bin runs past the record"))?;
+        let (_, _, _, next) = bin_at(rec, pos).ok_or(Defect::Structure("bin runs past the record"))?;
         pos = next;
     }
     if pos != len {
@@ -326,10 +306,7 @@ impl<'a> RecordView<'a> {
         self.raw_bins()
             .filter(|(name, _, _)| keep(name))
             .filter_map(|(name, pt, value)| {
-                Some(Bin {
-                    name: BinName::new(name).ok()?,
-                    value: Value::decode(pt, value)?,
-                })
+                Some(Bin { name: BinName::new(name).ok()?, value: Value::decode(pt, value)? })
             })
             .collect()
     }
@@ -351,10 +328,7 @@ impl<'a> RecordView<'a> {
         Record {
             digest: self.digest(),
             set_name: self.set_name().to_vec(),
-            key: self.key().map(|(particle_type, bytes)| StoredKey {
-                particle_type,
-                bytes: bytes.to_vec(),
-            }),
+            key: self.key().map(|(particle_type, bytes)| StoredKey { particle_type, bytes: bytes.to_vec() }),
             meta: self.meta(),
             bins: self.bins_where(keep),
         }
@@ -375,15 +349,8 @@ mod tests {
         RecordVersion::Live(Record {
             digest: Digest::of_key(b"users", KeyRef::String(b"alice")),
             set_name: b"users".to_vec(),
-            key: Some(StoredKey {
-                particle_type: 3,
-                bytes: b"alice".to_vec(),
-            }),
-            meta: RecordMeta {
-                generation: 3,
-                void_time: 12345,
-                last_update_ms: 1_700_000_000_123,
-            },
+            key: Some(StoredKey { particle_type: 3, bytes: b"alice".to_vec() }),
+            meta: RecordMeta { generation: 3, void_time: 12345, last_update_ms: 1_700_000_000_123 },
             bins: vec![
                 Bin::new("age", Value::Int(42)).unwrap(),
                 Bin::new("name", Value::String(b"Alice".to_vec())).unwrap(),
@@ -410,11 +377,7 @@ mod tests {
         let v = RecordVersion::Tombstone {
             digest: Digest::of_key(b"", KeyRef::Int(5)),
             set_name: vec![],
-            meta: RecordMeta {
-                generation: 9,
-                void_time: 0,
-                last_update_ms: 1,
-            },
+            meta: RecordMeta { generation: 9, void_time: 0, last_update_ms: 1 },
         };
         let mut buf = Vec::new();
         encode(&v, &mut buf).unwrap();
@@ -441,10 +404,7 @@ mod tests {
         encode(&sample(), &mut buf).unwrap();
         seal(&mut buf, 5);
         assert_eq!(parse(&buf, 6).unwrap_err(), Defect::Checksum);
-        assert_eq!(
-            parse(&buf[..buf.len() - 1], 5).unwrap_err(),
-            Defect::Truncated
-        );
+        assert_eq!(parse(&buf[..buf.len() - 1], 5).unwrap_err(), Defect::Truncated);
         assert_eq!(parse(&[0u8; 100], 5).unwrap_err(), Defect::Magic);
     }
 

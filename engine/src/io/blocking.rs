@@ -10,24 +10,13 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
-use super::{AlignedBuf, DeviceIo, IoBackendKind, WriteSource};
+use super::{AlignedBuf, DeviceIo, IO_ALIGN_BYTES as IO_ALIGN, IoBackendKind, WriteSource};
 use crate::completion::{Completer, Completion, completion};
 
 enum Op {
-    Read {
-        offset: u64,
-        buf: AlignedBuf,
-        len: usize,
-        reply: Completer<io::Result<AlignedBuf>>,
-    },
-    Write {
-        offset: u64,
-        src: WriteSource,
-        reply: Completer<io::Result<()>>,
-    },
-    Sync {
-        reply: Completer<io::Result<()>>,
-    },
+    Read { offset: u64, buf: AlignedBuf, len: usize, reply: Completer<io::Result<AlignedBuf>> },
+    Write { offset: u64, src: WriteSource, reply: Completer<io::Result<()>> },
+    Sync { reply: Completer<io::Result<()>> },
 }
 
 /// Threads serving writes and syncs (block flushes are already paced by the writer).
@@ -35,6 +24,7 @@ const WRITE_THREADS: usize = 2;
 
 /// Blocking implementation of [`DeviceIo`].
 pub struct BlockingIo {
+    granule: usize,
     reads: Option<Sender<Op>>,
     writes: Option<Sender<Op>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -48,14 +38,11 @@ impl std::fmt::Debug for BlockingIo {
 
 impl BlockingIo {
     /// Starts the thread pools.
-    pub fn new(file: Arc<File>, read_threads: usize, label: &str) -> io::Result<BlockingIo> {
+    pub fn new(file: Arc<File>, read_threads: usize, label: &str, granule: usize) -> io::Result<BlockingIo> {
         let (read_tx, read_rx) = unbounded();
         let (write_tx, write_rx) = unbounded();
         let mut threads = Vec::new();
-        for (rx, n, role) in [
-            (read_rx, read_threads.max(1), "read"),
-            (write_rx, WRITE_THREADS, "write"),
-        ] {
+        for (rx, n, role) in [(read_rx, read_threads.max(1), "read"), (write_rx, WRITE_THREADS, "write")] {
             for i in 0..n {
                 let rx: Receiver<Op> = rx.clone();
                 let file = file.clone();
@@ -66,11 +53,7 @@ impl BlockingIo {
                 );
             }
         }
-        Ok(BlockingIo {
-            reads: Some(read_tx),
-            writes: Some(write_tx),
-            threads: Mutex::new(threads),
-        })
+        Ok(BlockingIo { granule, reads: Some(read_tx), writes: Some(write_tx), threads: Mutex::new(threads) })
     }
 
     fn send(&self, op: Op) {
@@ -88,20 +71,14 @@ impl BlockingIo {
 fn serve(file: &File, rx: &Receiver<Op>) {
     while let Ok(op) = rx.recv() {
         match op {
-            Op::Read {
-                offset,
-                mut buf,
-                len,
-                reply,
-            } => {
+            Op::Read { offset, mut buf, len, reply } => {
                 let r = read_full(file, &mut buf.as_mut_slice()[..len], offset).map(|()| buf);
                 reply.complete(r);
             }
             Op::Write { offset, src, reply } => {
                 // SAFETY: the range lies inside the shared buffer, which `src` keeps alive, and
                 // the writer guarantees nobody mutates a range while it is being written.
-                let bytes =
-                    unsafe { std::slice::from_raw_parts(src.buf.ptr_at(src.start), src.len) };
+                let bytes = unsafe { std::slice::from_raw_parts(src.buf.ptr_at(src.start), src.len) };
                 reply.complete(file.write_all_at(bytes, offset));
             }
             Op::Sync { reply } => reply.complete(file.sync_data()),
@@ -130,32 +107,24 @@ impl DeviceIo for BlockingIo {
         IoBackendKind::Blocking
     }
 
+    fn granule(&self) -> usize {
+        self.granule
+    }
+
     fn read(&self, offset: u64, buf: AlignedBuf, len: usize) -> Completion<io::Result<AlignedBuf>> {
-        assert!(
-            len <= buf.len(),
-            "read of {len} bytes into a {}-byte buffer",
-            buf.len()
-        );
-        if let Err(e) = super::check_alignment(offset, len) {
+        assert!(len <= buf.len(), "read of {len} bytes into a {}-byte buffer", buf.len());
+        if let Err(e) = super::check_alignment(offset, len, self.granule) {
             return Completion::ready(Err(e));
         }
         let (reply, c) = completion();
-        self.send(Op::Read {
-            offset,
-            buf,
-            len,
-            reply,
-        });
+        self.send(Op::Read { offset, buf, len, reply });
         c
     }
 
     fn write(&self, offset: u64, src: WriteSource) -> Completion<io::Result<()>> {
-        assert!(
-            src.start + src.len <= src.buf.len(),
-            "write range outside its buffer"
-        );
+        assert!(src.start + src.len <= src.buf.len(), "write range outside its buffer");
         if let Err(e) =
-            super::check_alignment(offset, src.len).and(super::check_alignment(0, src.start))
+            super::check_alignment(offset, src.len, self.granule).and(super::check_alignment(0, src.start, IO_ALIGN))
         {
             return Completion::ready(Err(e));
         }
@@ -175,8 +144,7 @@ impl Drop for BlockingIo {
     fn drop(&mut self) {
         self.reads.take();
         self.writes.take();
-        let threads =
-            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
         for t in threads {
             if t.join().is_err() {
                 tracing::error!("blocking I/O thread panicked");

@@ -42,9 +42,7 @@ impl AlignedBuf {
         let layout = Self::layout(len);
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            handle_alloc_error(layout)
-        };
+        let Some(ptr) = NonNull::new(raw) else { handle_alloc_error(layout) };
         AlignedBuf { ptr, len }
     }
 
@@ -126,11 +124,7 @@ impl SharedBuf {
     pub fn new(mut buf: AlignedBuf) -> SharedBuf {
         let ptr = buf.as_mut_ptr();
         let len = buf.len();
-        SharedBuf {
-            cell: UnsafeCell::new(buf),
-            ptr,
-            len,
-        }
+        SharedBuf { cell: UnsafeCell::new(buf), ptr, len }
     }
 
     /// Length in bytes.
@@ -145,10 +139,7 @@ impl SharedBuf {
 
     /// Copies `dst.len()` bytes starting at `offset` out of the buffer.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) {
-        assert!(
-            offset + dst.len() <= self.len,
-            "read past the end of a block buffer"
-        );
+        assert!(offset + dst.len() <= self.len, "read past the end of a block buffer");
         // SAFETY: in bounds; the range is not being mutated (discipline above).
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), dst.as_mut_ptr(), dst.len()) }
     }
@@ -159,10 +150,7 @@ impl SharedBuf {
     /// The caller holds the device's writer lock and the range is at or above the fill mark
     /// (or is the block header), so nobody else reads it as record bytes.
     pub unsafe fn write_at(&self, offset: usize, src: &[u8]) {
-        assert!(
-            offset + src.len() <= self.len,
-            "write past the end of a block buffer"
-        );
+        assert!(offset + src.len() <= self.len, "write past the end of a block buffer");
         // SAFETY: in bounds; exclusivity is the caller's contract.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(offset), src.len()) }
     }

@@ -60,11 +60,7 @@ pub struct IoOptions {
 
 impl Default for IoOptions {
     fn default() -> Self {
-        IoOptions {
-            backend: IoBackendChoice::Auto,
-            ring_entries: 256,
-            blocking_read_threads: 16,
-        }
+        IoOptions { backend: IoBackendChoice::Auto, ring_entries: 256, blocking_read_threads: 16 }
     }
 }
 
@@ -79,11 +75,15 @@ pub struct WriteSource {
     pub len: usize,
 }
 
-/// Positioned, direct I/O on one device. Offsets, lengths and buffer addresses are multiples of
-/// [`IO_ALIGN_BYTES`]. Short transfers are completed internally; errors are returned as is.
+/// Positioned, direct I/O on one device. Buffer addresses are multiples of [`IO_ALIGN_BYTES`];
+/// offsets and lengths are multiples of the device's direct-I/O granule ([`DeviceIo::granule`],
+/// 512 to 4096 bytes). Short transfers are completed internally; errors are returned as is.
 pub trait DeviceIo: Send + Sync + std::fmt::Debug {
     /// Which implementation this is.
     fn kind(&self) -> IoBackendKind;
+
+    /// The device's direct-I/O granule for offsets and lengths (512 to 4096, a power of two).
+    fn granule(&self) -> usize;
 
     /// Reads `len` bytes at `offset` into the start of `buf`; hands the buffer back.
     fn read(&self, offset: u64, buf: AlignedBuf, len: usize) -> Completion<io::Result<AlignedBuf>>;
@@ -95,57 +95,43 @@ pub trait DeviceIo: Send + Sync + std::fmt::Debug {
     fn sync(&self) -> Completion<io::Result<()>>;
 }
 
-/// Opens the I/O backend for an already opened (O_DIRECT) device file.
-pub fn open_backend(file: File, options: &IoOptions, label: &str) -> io::Result<Arc<dyn DeviceIo>> {
+/// Opens the I/O backend for an already opened (O_DIRECT) device file whose direct-I/O granule
+/// is `granule` bytes (512 to 4096).
+pub fn open_backend(file: File, options: &IoOptions, label: &str, granule: usize) -> io::Result<Arc<dyn DeviceIo>> {
+    assert!(granule.is_power_of_two() && (512..=IO_ALIGN_BYTES).contains(&granule), "granule {granule}");
     let file = Arc::new(file);
+    let blocking = |file| -> io::Result<Arc<dyn DeviceIo>> {
+        Ok(Arc::new(blocking::BlockingIo::new(file, options.blocking_read_threads, label, granule)?))
+    };
     match options.backend {
         IoBackendChoice::Blocking => {
-            tracing::info!(
-                device = label,
-                "blocking pread/pwrite I/O forced by configuration"
-            );
-            Ok(Arc::new(blocking::BlockingIo::new(
-                file,
-                options.blocking_read_threads,
-                label,
-            )?))
+            tracing::info!(device = label, "blocking pread/pwrite I/O forced by configuration");
+            blocking(file)
         }
-        IoBackendChoice::Uring => Ok(Arc::new(uring::UringIo::new(
-            file,
-            options.ring_entries,
-            label,
-        )?)),
-        IoBackendChoice::Auto => {
-            match uring::UringIo::new(file.clone(), options.ring_entries, label) {
-                Ok(io) => Ok(Arc::new(io)),
-                Err(e) if uring::is_denied(&e) => {
-                    tracing::warn!(
-                        device = label,
-                        error = %e,
-                        "io_uring is not available here (denied by the kernel or a seccomp filter); \
-                         falling back to blocking pread/pwrite I/O"
-                    );
-                    Ok(Arc::new(blocking::BlockingIo::new(
-                        file,
-                        options.blocking_read_threads,
-                        label,
-                    )?))
-                }
-                Err(e) => Err(e),
+        IoBackendChoice::Uring => Ok(Arc::new(uring::UringIo::new(file, options.ring_entries, label, granule)?)),
+        IoBackendChoice::Auto => match uring::UringIo::new(file.clone(), options.ring_entries, label, granule) {
+            Ok(io) => Ok(Arc::new(io)),
+            Err(e) if uring::is_denied(&e) => {
+                tracing::warn!(
+                    device = label,
+                    error = %e,
+                    "io_uring is not available here (denied by the kernel or a seccomp filter); \
+                     falling back to blocking pread/pwrite I/O"
+                );
+                blocking(file)
             }
-        }
+            Err(e) => Err(e),
+        },
     }
 }
 
-/// Rejects an operation whose offset or length is not a multiple of [`IO_ALIGN_BYTES`]: some
+/// Rejects an operation whose offset or length is not a multiple of the device granule: some
 /// filesystems silently fall back to buffered I/O for misaligned direct I/O instead of failing.
-pub(crate) fn check_alignment(offset: u64, len: usize) -> io::Result<()> {
-    if !offset.is_multiple_of(IO_ALIGN_BYTES as u64) || !len.is_multiple_of(IO_ALIGN_BYTES) {
+pub(crate) fn check_alignment(offset: u64, len: usize, granule: usize) -> io::Result<()> {
+    if !offset.is_multiple_of(granule as u64) || !len.is_multiple_of(granule) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!(
-                "direct I/O of {len} bytes at offset {offset} is not aligned to {IO_ALIGN_BYTES} bytes"
-            ),
+            format!("direct I/O of {len} bytes at offset {offset} is not aligned to {granule} bytes"),
         ));
     }
     Ok(())
@@ -189,24 +175,12 @@ mod tests {
             let path = dir.path().join("dev");
             let file = open_direct(&path);
             file.set_len(1 << 20).unwrap();
-            let io = open_backend(
-                file,
-                &IoOptions {
-                    backend,
-                    ..IoOptions::default()
-                },
-                "test",
-            )
-            .unwrap();
+            let io = open_backend(file, &IoOptions { backend, ..IoOptions::default() }, "test", 512).unwrap();
             let mut data = AlignedBuf::zeroed(64 * 1024);
             for (i, b) in data.as_mut_slice().iter_mut().enumerate() {
                 *b = (i % 251) as u8;
             }
-            let src = WriteSource {
-                buf: Arc::new(SharedBuf::new(data)),
-                start: 4096,
-                len: 32 * 1024,
-            };
+            let src = WriteSource { buf: Arc::new(SharedBuf::new(data)), start: 4096, len: 32 * 1024 };
             wait_io(io.write(8192, src)).unwrap();
             wait_io(io.sync()).unwrap();
             let back = wait_io(io.read(8192, AlignedBuf::zeroed(32 * 1024), 32 * 1024)).unwrap();
@@ -214,9 +188,7 @@ mod tests {
                 assert_eq!(*b, ((i + 4096) % 251) as u8, "{backend:?} byte {i}");
             }
             // Many concurrent reads complete, each with its own buffer.
-            let pending: Vec<_> = (0..64)
-                .map(|_| io.read(8192, AlignedBuf::zeroed(4096), 4096))
-                .collect();
+            let pending: Vec<_> = (0..64).map(|_| io.read(8192, AlignedBuf::zeroed(4096), 4096)).collect();
             for p in pending {
                 assert_eq!(wait_io(p).unwrap().as_slice()[0], (4096 % 251) as u8);
             }
@@ -231,41 +203,16 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let file = open_direct(&dir.path().join("dev"));
             file.set_len(1 << 20).unwrap();
-            let io = open_backend(
-                file,
-                &IoOptions {
-                    backend,
-                    ..IoOptions::default()
-                },
-                "test",
-            )
-            .unwrap();
+            let io = open_backend(file, &IoOptions { backend, ..IoOptions::default() }, "test", 512).unwrap();
+            // With a 512-byte granule a 512-byte read at offset 512 is fine.
+            assert!(wait_io(io.read(512, AlignedBuf::zeroed(4096), 512)).is_ok());
             let r = wait_io(io.read(100, AlignedBuf::zeroed(4096), 4096));
-            assert_eq!(
-                r.unwrap_err().kind(),
-                std::io::ErrorKind::InvalidInput,
-                "{backend:?} offset"
-            );
+            assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::InvalidInput, "{backend:?} offset");
             let r = wait_io(io.read(0, AlignedBuf::zeroed(4096), 1000));
-            assert_eq!(
-                r.unwrap_err().kind(),
-                std::io::ErrorKind::InvalidInput,
-                "{backend:?} length"
-            );
+            assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::InvalidInput, "{backend:?} length");
             let buf = Arc::new(SharedBuf::new(AlignedBuf::zeroed(8192)));
-            let r = wait_io(io.write(
-                0,
-                WriteSource {
-                    buf,
-                    start: 512,
-                    len: 4096,
-                },
-            ));
-            assert_eq!(
-                r.unwrap_err().kind(),
-                std::io::ErrorKind::InvalidInput,
-                "{backend:?} buffer"
-            );
+            let r = wait_io(io.write(0, WriteSource { buf, start: 512, len: 4096 }));
+            assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::InvalidInput, "{backend:?} buffer");
         }
     }
 }

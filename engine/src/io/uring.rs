@@ -13,28 +13,15 @@ use std::thread::JoinHandle;
 
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 
-use super::{AlignedBuf, DeviceIo, IoBackendKind, WriteSource};
+use super::{AlignedBuf, DeviceIo, IO_ALIGN_BYTES as IO_ALIGN, IoBackendKind, WriteSource};
 use crate::completion::{Completer, Completion, completion};
 
 const EVENTFD_TAG: u64 = u64::MAX;
 
 enum Op {
-    Read {
-        offset: u64,
-        buf: AlignedBuf,
-        len: usize,
-        done: usize,
-        reply: Completer<io::Result<AlignedBuf>>,
-    },
-    Write {
-        offset: u64,
-        src: WriteSource,
-        done: usize,
-        reply: Completer<io::Result<()>>,
-    },
-    Sync {
-        reply: Completer<io::Result<()>>,
-    },
+    Read { offset: u64, buf: AlignedBuf, len: usize, done: usize, reply: Completer<io::Result<AlignedBuf>> },
+    Write { offset: u64, src: WriteSource, done: usize, reply: Completer<io::Result<()>> },
+    Sync { reply: Completer<io::Result<()>> },
 }
 
 #[derive(Default)]
@@ -72,6 +59,7 @@ impl Shared {
 
 /// io_uring implementation of [`DeviceIo`].
 pub struct UringIo {
+    granule: usize,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -84,18 +72,11 @@ impl std::fmt::Debug for UringIo {
 
 /// Whether a setup error means "io_uring is not allowed here" (fall back) rather than a bug.
 pub fn is_denied(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EPERM | libc::ENOSYS | libc::EACCES | libc::EOPNOTSUPP)
-    )
+    matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS | libc::EACCES | libc::EOPNOTSUPP))
 }
 
 fn build_ring(entries: u32) -> io::Result<IoUring> {
-    match IoUring::builder()
-        .setup_single_issuer()
-        .setup_coop_taskrun()
-        .build(entries)
-    {
+    match IoUring::builder().setup_single_issuer().setup_coop_taskrun().build(entries) {
         Ok(ring) => Ok(ring),
         // Kernels before 6.0 reject SINGLE_ISSUER (and before 5.19 COOP_TASKRUN) with EINVAL.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(entries),
@@ -106,16 +87,9 @@ fn build_ring(entries: u32) -> io::Result<IoUring> {
 fn check_opcodes(ring: &IoUring) -> io::Result<()> {
     let mut probe = Probe::new();
     ring.submitter().register_probe(&mut probe)?;
-    for (code, name) in [
-        (opcode::Read::CODE, "READ"),
-        (opcode::Write::CODE, "WRITE"),
-        (opcode::Fsync::CODE, "FSYNC"),
-    ] {
+    for (code, name) in [(opcode::Read::CODE, "READ"), (opcode::Write::CODE, "WRITE"), (opcode::Fsync::CODE, "FSYNC")] {
         if !probe.is_supported(code) {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("io_uring opcode {name} not supported"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring opcode {name} not supported")));
         }
     }
     Ok(())
@@ -124,7 +98,7 @@ fn check_opcodes(ring: &IoUring) -> io::Result<()> {
 impl UringIo {
     /// Starts the device's I/O thread and its ring. Fails (with the kernel's error) when
     /// io_uring cannot be set up.
-    pub fn new(file: Arc<File>, ring_entries: u32, label: &str) -> io::Result<UringIo> {
+    pub fn new(file: Arc<File>, ring_entries: u32, label: &str, granule: usize) -> io::Result<UringIo> {
         // SAFETY: plain syscall; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -142,25 +116,20 @@ impl UringIo {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_shared = shared.clone();
         let entries = ring_entries.max(8);
-        let thread = std::thread::Builder::new()
-            .name(format!("io-uring {label}"))
-            .spawn(move || {
-                let ring = build_ring(entries).and_then(|ring| check_opcodes(&ring).map(|()| ring));
-                match ring {
-                    Ok(ring) => {
-                        let _ = ready_tx.send(Ok(()));
-                        IoThread::new(thread_shared, ring, entries as usize).run();
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
+        let thread = std::thread::Builder::new().name(format!("io-uring {label}")).spawn(move || {
+            let ring = build_ring(entries).and_then(|ring| check_opcodes(&ring).map(|()| ring));
+            match ring {
+                Ok(ring) => {
+                    let _ = ready_tx.send(Ok(()));
+                    IoThread::new(thread_shared, ring, entries as usize).run();
                 }
-            })?;
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(UringIo {
-                shared,
-                thread: Mutex::new(Some(thread)),
-            }),
+            Ok(Ok(())) => Ok(UringIo { granule, shared, thread: Mutex::new(Some(thread)) }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -171,11 +140,7 @@ impl UringIo {
 
     fn enqueue(&self, op: Op) {
         {
-            let mut q = self
-                .shared
-                .queues
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut q = self.shared.queues.lock().unwrap_or_else(PoisonError::into_inner);
             match op {
                 Op::Read { .. } => q.reads.push_back(op),
                 _ => q.others.push_back(op),
@@ -192,43 +157,29 @@ impl DeviceIo for UringIo {
         IoBackendKind::Uring
     }
 
+    fn granule(&self) -> usize {
+        self.granule
+    }
+
     fn read(&self, offset: u64, buf: AlignedBuf, len: usize) -> Completion<io::Result<AlignedBuf>> {
-        assert!(
-            len <= buf.len(),
-            "read of {len} bytes into a {}-byte buffer",
-            buf.len()
-        );
-        if let Err(e) = super::check_alignment(offset, len) {
+        assert!(len <= buf.len(), "read of {len} bytes into a {}-byte buffer", buf.len());
+        if let Err(e) = super::check_alignment(offset, len, self.granule) {
             return Completion::ready(Err(e));
         }
         let (reply, c) = completion();
-        self.enqueue(Op::Read {
-            offset,
-            buf,
-            len,
-            done: 0,
-            reply,
-        });
+        self.enqueue(Op::Read { offset, buf, len, done: 0, reply });
         c
     }
 
     fn write(&self, offset: u64, src: WriteSource) -> Completion<io::Result<()>> {
-        assert!(
-            src.start + src.len <= src.buf.len(),
-            "write range outside its buffer"
-        );
+        assert!(src.start + src.len <= src.buf.len(), "write range outside its buffer");
         if let Err(e) =
-            super::check_alignment(offset, src.len).and(super::check_alignment(0, src.start))
+            super::check_alignment(offset, src.len, self.granule).and(super::check_alignment(0, src.start, IO_ALIGN))
         {
             return Completion::ready(Err(e));
         }
         let (reply, c) = completion();
-        self.enqueue(Op::Write {
-            offset,
-            src,
-            done: 0,
-            reply,
-        });
+        self.enqueue(Op::Write { offset, src, done: 0, reply });
         c
     }
 
@@ -243,11 +194,7 @@ impl Drop for UringIo {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.wake();
-        let handle = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let handle = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(h) = handle
             && h.join().is_err()
         {
@@ -284,20 +231,13 @@ impl IoThread {
         loop {
             self.fill_submission_queue();
             let in_flight = self.slots.len() - self.free_slots.len();
-            if self.shared.stopping.load(Ordering::SeqCst)
-                && in_flight == 0
-                && self.queue_is_empty()
-            {
+            if self.shared.stopping.load(Ordering::SeqCst) && in_flight == 0 && self.queue_is_empty() {
                 return;
             }
             // Announce sleep, then re-check: a producer that pushed before seeing the flag
             // is picked up here; one that pushes after will write the eventfd.
             self.shared.sleeping.store(true, Ordering::SeqCst);
-            let wait = if self.queue_is_empty() && !self.shared.stopping.load(Ordering::SeqCst) {
-                1
-            } else {
-                0
-            };
+            let wait = if self.queue_is_empty() && !self.shared.stopping.load(Ordering::SeqCst) { 1 } else { 0 };
             if let Err(e) = self.ring.submit_and_wait(wait) {
                 match e.raw_os_error() {
                     Some(libc::EINTR | libc::EBUSY | libc::EAGAIN) => {}
@@ -310,18 +250,12 @@ impl IoThread {
     }
 
     fn queue_is_empty(&self) -> bool {
-        self.shared
-            .queues
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
+        self.shared.queues.lock().unwrap_or_else(PoisonError::into_inner).is_empty()
     }
 
     fn arm_eventfd(&mut self) {
         let ptr = (&raw mut *self.eventfd_buf).cast::<u8>();
-        let sqe = opcode::Read::new(types::Fd(self.shared.eventfd.as_raw_fd()), ptr, 8)
-            .build()
-            .user_data(EVENTFD_TAG);
+        let sqe = opcode::Read::new(types::Fd(self.shared.eventfd.as_raw_fd()), ptr, 8).build().user_data(EVENTFD_TAG);
         self.push(sqe);
     }
 
@@ -342,12 +276,7 @@ impl IoThread {
 
     fn fill_submission_queue(&mut self) {
         while !self.free_slots.is_empty() {
-            let op = self
-                .shared
-                .queues
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
+            let op = self.shared.queues.lock().unwrap_or_else(PoisonError::into_inner).pop();
             let Some(op) = op else { break };
             let Some(slot) = self.free_slots.pop() else {
                 break;
@@ -360,41 +289,23 @@ impl IoThread {
     fn submit_slot(&mut self, slot: usize) {
         let fd = types::Fd(self.fd);
         let sqe = match &mut self.slots[slot] {
-            Some(Op::Read {
-                offset,
-                buf,
-                len,
-                done,
-                ..
-            }) => {
+            Some(Op::Read { offset, buf, len, done, .. }) => {
                 // SAFETY: done < len <= buf.len(), so the pointer stays inside the buffer.
                 let ptr = unsafe { buf.as_mut_ptr().add(*done) };
-                opcode::Read::new(fd, ptr, (*len - *done) as u32)
-                    .offset(*offset + *done as u64)
-                    .build()
+                opcode::Read::new(fd, ptr, (*len - *done) as u32).offset(*offset + *done as u64).build()
             }
-            Some(Op::Write {
-                offset, src, done, ..
-            }) => {
+            Some(Op::Write { offset, src, done, .. }) => {
                 let ptr = src.buf.ptr_at(src.start + *done);
-                opcode::Write::new(fd, ptr, (src.len - *done) as u32)
-                    .offset(*offset + *done as u64)
-                    .build()
+                opcode::Write::new(fd, ptr, (src.len - *done) as u32).offset(*offset + *done as u64).build()
             }
-            Some(Op::Sync { .. }) => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+            Some(Op::Sync { .. }) => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
             None => return,
         };
         self.push(sqe.user_data(slot as u64));
     }
 
     fn reap(&mut self) {
-        let completed: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let completed: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (tag, result) in completed {
             if tag == EVENTFD_TAG {
                 self.arm_eventfd();
@@ -413,50 +324,21 @@ impl IoThread {
             tracing::error!(slot, "completion for an unknown io_uring slot");
             return;
         };
-        let outcome = if result < 0 {
-            Err(io::Error::from_raw_os_error(-result))
-        } else {
-            Ok(result as usize)
-        };
+        let outcome = if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as usize) };
         match op {
-            Op::Read {
-                offset,
-                buf,
-                len,
-                done,
-                reply,
-            } => match outcome {
+            Op::Read { offset, buf, len, done, reply } => match outcome {
                 Ok(0) => reply.complete(Err(unexpected_eof(offset, len))),
                 Ok(n) if done + n < len => {
-                    self.slots[slot] = Some(Op::Read {
-                        offset,
-                        buf,
-                        len,
-                        done: done + n,
-                        reply,
-                    });
+                    self.slots[slot] = Some(Op::Read { offset, buf, len, done: done + n, reply });
                     return self.submit_slot(slot);
                 }
                 Ok(_) => reply.complete(Ok(buf)),
                 Err(e) => reply.complete(Err(e)),
             },
-            Op::Write {
-                offset,
-                src,
-                done,
-                reply,
-            } => match outcome {
-                Ok(0) => reply.complete(Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "device accepted no bytes",
-                ))),
+            Op::Write { offset, src, done, reply } => match outcome {
+                Ok(0) => reply.complete(Err(io::Error::new(io::ErrorKind::WriteZero, "device accepted no bytes"))),
                 Ok(n) if done + n < src.len => {
-                    self.slots[slot] = Some(Op::Write {
-                        offset,
-                        src,
-                        done: done + n,
-                        reply,
-                    });
+                    self.slots[slot] = Some(Op::Write { offset, src, done: done + n, reply });
                     return self.submit_slot(slot);
                 }
                 Ok(_) => reply.complete(Ok(())),
@@ -469,8 +351,5 @@ impl IoThread {
 }
 
 pub(super) fn unexpected_eof(offset: u64, len: usize) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        format!("read of {len} bytes at offset {offset} ran past the end"),
-    )
+    io::Error::new(io::ErrorKind::UnexpectedEof, format!("read of {len} bytes at offset {offset} ran past the end"))
 }

@@ -21,20 +21,12 @@ pub fn config(dir: &Path, backend: IoBackendChoice, size: u64) -> EngineConfig {
     c.post_write_cache_bytes = 2 * u64::from(TEST_BLOCK_BYTES);
     c.flush_interval_ms = 50;
     c.device_lock_wait_ms = 200;
-    c.io = IoOptions {
-        backend,
-        ..IoOptions::default()
-    };
+    c.io = IoOptions { backend, ..IoOptions::default() };
     c
 }
 
 /// Same, with a clock.
-pub fn config_with_clock(
-    dir: &Path,
-    backend: IoBackendChoice,
-    size: u64,
-    clock: Arc<dyn Clock>,
-) -> EngineConfig {
+pub fn config_with_clock(dir: &Path, backend: IoBackendChoice, size: u64, clock: Arc<dyn Clock>) -> EngineConfig {
     let mut c = config(dir, backend, size);
     c.clock = clock;
     c
@@ -52,17 +44,13 @@ pub fn digest(k: i64) -> Digest {
 
 /// The stored form of integer key `k`.
 pub fn key(k: i64) -> StoredKey {
-    StoredKey {
-        particle_type: 1,
-        bytes: k.to_be_bytes().to_vec(),
-    }
+    StoredKey { particle_type: 1, bytes: k.to_be_bytes().to_vec() }
 }
 
 /// A deterministic value for key `k` at version `v`, `len` bytes.
 pub fn value_bytes(k: i64, v: u64, len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len);
-    let mut x =
-        (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ v.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    let mut x = (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ v.wrapping_mul(0xD6E8_FEB8_6659_FD93);
     while out.len() < len {
         x ^= x << 13;
         x ^= x >> 7;

@@ -20,9 +20,7 @@ const KEYS: i64 = 400;
 /// The bins of key `k` at `version`: the value, and the version as an integer.
 fn versioned_bins(k: i64, version: u64) -> Vec<peregrine_engine::Bin> {
     let mut b = bins(k, version, 300 + (k as usize % 700));
-    b.push(
-        peregrine_engine::Bin::new("ver", peregrine_engine::Value::Int(version as i64)).unwrap(),
-    );
+    b.push(peregrine_engine::Bin::new("ver", peregrine_engine::Value::Int(version as i64)).unwrap());
     b
 }
 
@@ -33,10 +31,7 @@ fn child_main(dir: &str) {
         Ok("blocking") => IoBackendChoice::Blocking,
         _ => IoBackendChoice::Uring,
     };
-    let cycle: u64 = std::env::var(CYCLE_ENV)
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let cycle: u64 = std::env::var(CYCLE_ENV).ok().and_then(|c| c.parse().ok()).unwrap_or(0);
     let mut cfg = config(std::path::Path::new(dir), backend, 32 << 20);
     cfg.commit_to_device = true;
     let e = Engine::open(cfg).expect("child could not open the engine");
@@ -62,14 +57,8 @@ fn child_main(dir: &str) {
                         }
                     } else {
                         println_locked(stdout, &format!("try put {k} {version}"));
-                        e.put(
-                            &digest(k),
-                            b"s",
-                            Some(key(k)),
-                            versioned_bins(k, version),
-                            &WritePolicy::default(),
-                        )
-                        .expect("put failed");
+                        e.put(&digest(k), b"s", Some(key(k)), versioned_bins(k, version), &WritePolicy::default())
+                            .expect("put failed");
                         println_locked(stdout, &format!("ack put {k} {version}"));
                     }
                 }
@@ -97,9 +86,7 @@ struct KeyState {
 fn observe(states: &mut HashMap<i64, KeyState>, line: &str) -> bool {
     let parts: Vec<&str> = line.split_whitespace().collect();
     let (phase, k, state) = match parts.as_slice() {
-        [phase @ ("try" | "ack"), "put", k, v] => {
-            (*phase, k.parse().unwrap(), Some(v.parse().unwrap()))
-        }
+        [phase @ ("try" | "ack"), "put", k, v] => (*phase, k.parse().unwrap(), Some(v.parse().unwrap())),
         [phase @ ("try" | "ack"), "del", k] => (*phase, k.parse().unwrap(), None),
         _ => return false,
     };
@@ -120,21 +107,13 @@ fn kill_9_loses_no_acknowledged_write() {
         child_main(&dir);
         return;
     }
-    for (backend, name) in [
-        (IoBackendChoice::Uring, "uring"),
-        (IoBackendChoice::Blocking, "blocking"),
-    ] {
+    for (backend, name) in [(IoBackendChoice::Uring, "uring"), (IoBackendChoice::Blocking, "blocking")] {
         let dir = tempfile::tempdir().unwrap();
         let mut states: HashMap<i64, KeyState> = HashMap::new();
         let mut rng = Rng(42);
         for cycle in 0..4u64 {
             let mut child = Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "crash::kill_9_loses_no_acknowledged_write",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
+                .args(["--exact", "crash::kill_9_loses_no_acknowledged_write", "--nocapture", "--test-threads=1"])
                 .env(CHILD_ENV, dir.path())
                 .env(BACKEND_ENV, name)
                 .env(CYCLE_ENV, cycle.to_string())
@@ -148,14 +127,9 @@ fn kill_9_loses_no_acknowledged_write() {
             let started = Instant::now();
             let mut acks = 0;
             while acks < kill_after {
-                let Some(Ok(line)) = lines.next() else {
-                    panic!("child exited early after {acks} acks")
-                };
+                let Some(Ok(line)) = lines.next() else { panic!("child exited early after {acks} acks") };
                 acks += usize::from(observe(&mut states, &line));
-                assert!(
-                    started.elapsed() < Duration::from_secs(60),
-                    "child too slow"
-                );
+                assert!(started.elapsed() < Duration::from_secs(60), "child too slow");
             }
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
@@ -170,11 +144,7 @@ fn kill_9_loses_no_acknowledged_write() {
                         let Some(peregrine_engine::Value::Int(v)) = r.bin("ver").cloned() else {
                             panic!("no version bin")
                         };
-                        assert_eq!(
-                            r.bins,
-                            versioned_bins(*k, v as u64),
-                            "{name}: key {k} version {v} has wrong bytes"
-                        );
+                        assert_eq!(r.bins, versioned_bins(*k, v as u64), "{name}: key {k} version {v} has wrong bytes");
                         Some(v as u64)
                     }
                     Err(peregrine_engine::Error::NotFound) => None,
@@ -189,10 +159,7 @@ fn kill_9_loses_no_acknowledged_write() {
                     st.in_flight
                 );
                 // Whatever survived is now the acknowledged state.
-                *st = KeyState {
-                    acked: Some(found),
-                    in_flight: None,
-                };
+                *st = KeyState { acked: Some(found), in_flight: None };
             }
             e.close().unwrap();
         }

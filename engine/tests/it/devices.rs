@@ -18,18 +18,12 @@ fn a_device_is_held_exclusively() {
     assert!(err.to_string().contains("in use"), "{err}");
     e.close().unwrap();
     drop(e);
-    Engine::open(config(dir.path(), BACKENDS[0], 16 << 20))
-        .unwrap()
-        .close()
-        .unwrap();
+    Engine::open(config(dir.path(), BACKENDS[0], 16 << 20)).unwrap().close().unwrap();
 }
 
 #[test]
 fn backend_choice_is_honoured() {
-    for (backend, kind) in BACKENDS
-        .into_iter()
-        .zip([IoBackendKind::Uring, IoBackendKind::Blocking])
-    {
+    for (backend, kind) in BACKENDS.into_iter().zip([IoBackendKind::Uring, IoBackendKind::Blocking]) {
         let dir = tempfile::tempdir().unwrap();
         let e = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap();
         assert_eq!(e.io_backend(), kind);
@@ -51,24 +45,14 @@ fn foreign_devices_are_refused_unless_formatting_is_asked_for() {
     let mut cfg = config(dir.path(), BACKENDS[0], 16 << 20);
     cfg.format_foreign_devices = true;
     let e = Engine::open(cfg).unwrap();
-    e.put(
-        &digest(1),
-        b"s",
-        None,
-        bins(1, 0, 10),
-        &WritePolicy::default(),
-    )
-    .unwrap();
+    e.put(&digest(1), b"s", None, bins(1, 0, 10), &WritePolicy::default()).unwrap();
     e.close().unwrap();
 }
 
 #[test]
 fn mismatched_devices_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    Engine::open(config(dir.path(), BACKENDS[0], 16 << 20))
-        .unwrap()
-        .close()
-        .unwrap();
+    Engine::open(config(dir.path(), BACKENDS[0], 16 << 20)).unwrap().close().unwrap();
     let mut other_ns = config(dir.path(), BACKENDS[0], 16 << 20);
     other_ns.namespace = "other".into();
     let err = Engine::open(other_ns).unwrap_err().to_string();
@@ -79,17 +63,10 @@ fn mismatched_devices_are_refused_with_the_reason() {
     assert!(err.contains("write_block_bytes"), "{err}");
 }
 
-fn two_device_config(
-    dir: &std::path::Path,
-    backend: peregrine_engine::io::IoBackendChoice,
-) -> EngineConfig {
+fn two_device_config(dir: &std::path::Path, backend: peregrine_engine::io::IoBackendChoice) -> EngineConfig {
     let mut c = config(dir, backend, 16 << 20);
-    c.devices = (0..2)
-        .map(|i| DeviceSpec {
-            path: dir.join(format!("dev{i}.dat")),
-            file_size_bytes: Some(16 << 20),
-        })
-        .collect();
+    c.devices =
+        (0..2).map(|i| DeviceSpec { path: dir.join(format!("dev{i}.dat")), file_size_bytes: Some(16 << 20) }).collect();
     c
 }
 
@@ -100,30 +77,17 @@ fn two_device_namespace_round_trip_and_restart() {
         {
             let e = Engine::open(two_device_config(dir.path(), backend)).unwrap();
             for k in 0..2000 {
-                e.put(
-                    &digest(k),
-                    b"s",
-                    Some(key(k)),
-                    bins(k, 1, 300),
-                    &WritePolicy::default(),
-                )
-                .unwrap();
+                e.put(&digest(k), b"s", Some(key(k)), bins(k, 1, 300), &WritePolicy::default()).unwrap();
             }
             let s = e.stats();
             assert_eq!(s.devices.len(), 2);
-            assert!(
-                s.devices.iter().all(|d| d.appended_bytes > 100_000),
-                "records not spread: {s:?}"
-            );
+            assert!(s.devices.iter().all(|d| d.appended_bytes > 100_000), "records not spread: {s:?}");
             e.close().unwrap();
         }
         let e = Engine::open(two_device_config(dir.path(), backend)).unwrap();
         assert_eq!(e.recovery_report().len(), 2);
         for k in 0..2000 {
-            assert_eq!(
-                e.get(&digest(k), &BinSelection::All).unwrap().bins,
-                bins(k, 1, 300)
-            );
+            assert_eq!(e.get(&digest(k), &BinSelection::All).unwrap().bins, bins(k, 1, 300));
         }
         e.close().unwrap();
         drop(e);
@@ -153,27 +117,17 @@ fn loop_device_round_trip() {
     }
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("backing.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
+    std::fs::File::create(&backing).unwrap().set_len(32 << 20).unwrap();
     let out = Command::new("losetup")
         .args(["--find", "--show", "--direct-io=on"])
         .arg(&backing)
         .output()
         .expect("losetup must be installed (util-linux) and the test run as root");
-    assert!(
-        out.status.success(),
-        "losetup failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
     let dev = LoopDevice(String::from_utf8(out.stdout).unwrap().trim().to_string());
     for backend in BACKENDS {
         let mut cfg = config(dir.path(), backend, 16 << 20);
-        cfg.devices = vec![DeviceSpec {
-            path: dev.0.clone().into(),
-            file_size_bytes: None,
-        }];
+        cfg.devices = vec![DeviceSpec { path: dev.0.clone().into(), file_size_bytes: None }];
         cfg.format_foreign_devices = true;
         {
             let e = Engine::open(cfg.clone()).unwrap();
@@ -182,25 +136,14 @@ fn loop_device_round_trip() {
             let err = Engine::open(cfg.clone()).unwrap_err();
             assert!(matches!(err, Error::DeviceInUse { .. }), "{err}");
             for k in 0..1000 {
-                e.put(
-                    &digest(k),
-                    b"s",
-                    None,
-                    bins(k, 2, 500),
-                    &WritePolicy::default(),
-                )
-                .unwrap();
+                e.put(&digest(k), b"s", None, bins(k, 2, 500), &WritePolicy::default()).unwrap();
             }
             e.close().unwrap();
         }
         cfg.format_foreign_devices = false;
         let e = Engine::open(cfg).unwrap();
         for k in 0..1000 {
-            assert_eq!(
-                e.get(&digest(k), &BinSelection::All).unwrap().bins,
-                bins(k, 2, 500),
-                "{backend:?}"
-            );
+            assert_eq!(e.get(&digest(k), &BinSelection::All).unwrap().bins, bins(k, 2, 500), "{backend:?}");
         }
         e.close().unwrap();
     }

@@ -4,9 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use peregrine_engine::{
-    Applied, BinSelection, Change, Engine, Error, GenerationPolicy, Value, WritePolicy,
-};
+use peregrine_engine::{Applied, BinSelection, Change, Engine, Error, GenerationPolicy, Value, WritePolicy};
 
 use crate::common::*;
 
@@ -34,14 +32,7 @@ fn eight_threads_against_a_model_then_restart() {
                         let len = 50 + (rng.below(2000) as usize);
                         match rng.below(10) {
                             0..=4 => {
-                                e.put(
-                                    &digest(k),
-                                    b"s",
-                                    None,
-                                    bins(k, i, len),
-                                    &WritePolicy::default(),
-                                )
-                                .unwrap();
+                                e.put(&digest(k), b"s", None, bins(k, i, len), &WritePolicy::default()).unwrap();
                                 mine.insert(k, Some(i * 10_000 + len as u64));
                             }
                             5 => {
@@ -73,14 +64,8 @@ fn eight_threads_against_a_model_then_restart() {
             for (k, state) in &model {
                 let got = e.get(&digest(*k), &BinSelection::All);
                 match state {
-                    Some(tag) => assert_eq!(
-                        got.unwrap().bins,
-                        bins(*k, tag / 10_000, (tag % 10_000) as usize)
-                    ),
-                    None => assert!(
-                        matches!(got, Err(Error::NotFound)),
-                        "{backend:?}: deleted key {k} is back"
-                    ),
+                    Some(tag) => assert_eq!(got.unwrap().bins, bins(*k, tag / 10_000, (tag % 10_000) as usize)),
+                    None => assert!(matches!(got, Err(Error::NotFound)), "{backend:?}: deleted key {k} is back"),
                 }
             }
         };
@@ -112,27 +97,18 @@ fn read_modify_write_is_atomic_under_contention() {
                     let mut done = 0;
                     while done < increments {
                         let k = done % 3;
-                        let r = peregrine_engine::completion::block_on(e.modify_async(
-                            &digest(k),
-                            true,
-                            |existing| {
-                                let n = match existing
-                                    .and_then(|x| x.record)
-                                    .and_then(|r| r.bin("n").cloned())
-                                {
-                                    Some(Value::Int(n)) => n,
-                                    _ => 0,
-                                };
-                                Ok(Change::Put {
-                                    set_name: b"s".to_vec(),
-                                    key: None,
-                                    bins: vec![
-                                        peregrine_engine::Bin::new("n", Value::Int(n + 1)).unwrap(),
-                                    ],
-                                    void_time: 0,
-                                })
-                            },
-                        ));
+                        let r = peregrine_engine::completion::block_on(e.modify_async(&digest(k), true, |existing| {
+                            let n = match existing.and_then(|x| x.record).and_then(|r| r.bin("n").cloned()) {
+                                Some(Value::Int(n)) => n,
+                                _ => 0,
+                            };
+                            Ok(Change::Put {
+                                set_name: b"s".to_vec(),
+                                key: None,
+                                bins: vec![peregrine_engine::Bin::new("n", Value::Int(n + 1)).unwrap()],
+                                void_time: 0,
+                            })
+                        }));
                         match r {
                             Ok(Applied::Written(_)) => done += 1,
                             Err(Error::KeyBusy) => {
@@ -145,12 +121,10 @@ fn read_modify_write_is_atomic_under_contention() {
             }
         });
         let total: i64 = (0..3)
-            .map(
-                |k| match e.get(&digest(k), &BinSelection::All).unwrap().bin("n") {
-                    Some(Value::Int(n)) => *n,
-                    other => panic!("{other:?}"),
-                },
-            )
+            .map(|k| match e.get(&digest(k), &BinSelection::All).unwrap().bin("n") {
+                Some(Value::Int(n)) => *n,
+                other => panic!("{other:?}"),
+            })
             .sum();
         assert_eq!(total, 6 * increments, "{backend:?}: lost updates");
         e.close().unwrap();

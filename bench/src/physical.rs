@@ -1,0 +1,186 @@
+//! `peregrine-bench physical`: the device's physical limit measured by fio on the same file, in
+//! the same run, next to Peregrine's own figures, as ratios. fio patterns match Peregrine's:
+//! 4 KiB random reads at the same queue depth (record reads), and 1 MiB sequential writes at
+//! queue depth 4 (block flushes).
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::cli::{RunArgs, Workload};
+use crate::run::run;
+use crate::summary::{engine_figures, to_json};
+use crate::target::Target;
+
+/// Whole-machine CPU busy percentage over `secs` seconds (from /proc/stat).
+pub fn cpu_busy_pct(secs: f64) -> Option<f64> {
+    let read = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().next()?;
+        let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let idle = v.get(3)? + v.get(4)?;
+        Some((v.iter().take(8).sum(), idle))
+    };
+    let (t0, i0) = read()?;
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let (t1, i1) = read()?;
+    let total = t1.saturating_sub(t0).max(1);
+    Some(100.0 * (total - (i1 - i0)) as f64 / total as f64)
+}
+
+fn fio(path: &Path, size: u64, secs: f64, job: &[&str]) -> Result<Value, String> {
+    let out = Command::new("fio")
+        .args(["--name=peregrine-physical", "--ioengine=io_uring", "--direct=1", "--randrepeat=0", "--norandommap"])
+        .args(["--lat_percentiles=1", "--output-format=json", "--time_based", "--ramp_time=1"])
+        .arg(format!("--runtime={}", secs.ceil() as u64))
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--size={size}"))
+        .args(job)
+        .output()
+        .map_err(|e| format!("cannot run fio ({e}); install it (apt-get install fio)"))?;
+    if !out.status.success() {
+        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find('{').ok_or("fio printed no JSON")?;
+    serde_json::from_str(&text[start..]).map_err(|e| format!("fio output: {e}"))
+}
+
+fn fio_layout(path: &Path, size: u64) -> Result<(), String> {
+    let out = Command::new("fio")
+        .args(["--name=peregrine-layout", "--ioengine=io_uring", "--direct=1", "--rw=write", "--bs=1M"])
+        .args(["--iodepth=4", "--end_fsync=1", "--output-format=json"])
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--size={size}"))
+        .output()
+        .map_err(|e| format!("cannot run fio ({e}); install it (apt-get install fio)"))?;
+    if out.status.success() { Ok(()) } else { Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr))) }
+}
+
+fn fio_figures(v: &Value, dir: &str) -> (f64, f64, f64, f64) {
+    let job = &v["jobs"][0][dir];
+    let lat = &job["lat_ns"]["percentile"];
+    let p = |k: &str| lat[k].as_f64().unwrap_or(0.0) / 1000.0;
+    (job["iops"].as_f64().unwrap_or(0.0), job["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6, p("50.000000"), p("99.000000"))
+}
+
+async fn phase(args: &RunArgs, target: &Arc<Target>) -> Value {
+    let before = target.engine_stats().unwrap_or_default();
+    let outcome = run(args, target.clone()).await;
+    if let Err(e) = target.flush() {
+        eprintln!("flush after the phase failed: {e}");
+    }
+    let after = target.engine_stats().unwrap_or_default();
+    let figures = engine_figures(&before, &after);
+    to_json(args, &outcome, Some(&figures))
+}
+
+/// Runs fio and Peregrine on the same file and prints the comparison.
+pub fn physical(mut args: RunArgs, open: impl Fn(&RunArgs, bool) -> Result<Target, String>) -> Result<Value, String> {
+    let Some(path) = args.embedded.clone() else {
+        return Err("physical needs --embedded PATH (the file or device to measure)".into());
+    };
+    let secs = args.duration.unwrap_or(10.0);
+    let qd = args.concurrency;
+    let busy_start = cpu_busy_pct(2.0);
+    eprintln!("# machine CPU busy before: {busy_start:.0?} %");
+    let size = args.device_size;
+    // First pass: write the whole file once (not measured), so the timed pass overwrites
+    // allocated blocks, as Peregrine does, and the host's write cache is not flattering a fresh
+    // file.
+    eprintln!("# fio: laying out {size} bytes with 1 MiB sequential writes (not measured)");
+    fio_layout(&path, size)?;
+    eprintln!("# fio: 1 MiB sequential writes, queue depth 4, {secs} s");
+    let seqw = fio(&path, size, secs, &["--rw=write", "--bs=1M", "--iodepth=4"])?;
+    eprintln!("# fio: 4 KiB random reads, queue depth {qd}, {secs} s");
+    let rr = fio(&path, size, secs, &["--rw=randread", "--bs=4k", &format!("--iodepth={qd}")])?;
+    let (_, fio_write_mbps, _, fio_write_p99) = fio_figures(&seqw, "write");
+    let (fio_iops, _, fio_read_p50, fio_read_p99) = fio_figures(&rr, "read");
+
+    // fio left garbage in the file: Peregrine reformats it.
+    let target = Arc::new(open(&args, true)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    args.quiet = true;
+    let mut load = args.clone();
+    load.workload = Workload::Insert;
+    load.duration = None;
+    load.ops = None;
+    eprintln!("# peregrine: insert {} keys of {} bytes", args.keys, args.object_size.max);
+    let load_json = rt.block_on(phase(&load, &target));
+    let mut reads = args.clone();
+    reads.workload = Workload::ReadUpdate { read_pct: 100 };
+    reads.duration = Some(secs);
+    eprintln!("# peregrine: random reads, {qd} in flight, {secs} s");
+    let read_json = rt.block_on(phase(&reads, &target));
+    let mut mixed = args.clone();
+    mixed.workload = Workload::ReadUpdate { read_pct: 50 };
+    mixed.duration = Some(secs);
+    eprintln!("# peregrine: 50% reads / 50% updates, {qd} in flight, {secs} s");
+    let mixed_json = rt.block_on(phase(&mixed, &target));
+    target.close()?;
+    let busy_end = cpu_busy_pct(2.0);
+
+    let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let object = args.object_size.max as f64;
+    let load_mbps = f(&load_json, "writes_per_sec") * object / 1e6;
+    let result = json!({
+        "fio_seq_write_1m_qd4_mbps": fio_write_mbps,
+        "fio_seq_write_p99_us": fio_write_p99,
+        "fio_rand_read_4k_iops": fio_iops,
+        "fio_rand_read_p50_us": fio_read_p50,
+        "fio_rand_read_p99_us": fio_read_p99,
+        "queue_depth": qd,
+        "load": load_json,
+        "load_record_mbps": load_mbps,
+        "load_ratio_vs_fio_seq_write": load_mbps / fio_write_mbps.max(1e-9),
+        "random_read": read_json,
+        "random_read_ratio_vs_fio": f(&read_json, "reads_per_sec") / fio_iops.max(1e-9),
+        "mixed_50_50": mixed_json,
+        "mixed_read_ratio_vs_fio": f(&mixed_json, "reads_per_sec") / fio_iops.max(1e-9),
+        "busy_start_pct": busy_start,
+        "busy_end_pct": busy_end,
+    });
+    println!("\n== physical limit vs Peregrine on {} ({} bytes) ==", path.display(), size);
+    println!("{:<44} {:>12} {:>12} {:>7}", "", "peregrine", "fio", "ratio");
+    println!(
+        "{:<44} {:>12.0} {:>12.0} {:>7.2}",
+        "load: record MB/s vs 1 MiB seq write MB/s",
+        load_mbps,
+        fio_write_mbps,
+        f(&result, "load_ratio_vs_fio_seq_write")
+    );
+    println!(
+        "{:<44} {:>12.0} {:>12.0} {:>7.2}",
+        format!("random reads/s vs 4 KiB IOPS (QD {qd})"),
+        f(&read_json, "reads_per_sec"),
+        fio_iops,
+        f(&result, "random_read_ratio_vs_fio")
+    );
+    println!(
+        "{:<44} {:>12.0} {:>12.0}",
+        "random read p50 / p99 us (peregrine)",
+        f(&read_json, "read_p50_us"),
+        f(&read_json, "read_p99_us")
+    );
+    println!("{:<44} {:>12.0} {:>12.0}", "random read p50 / p99 us (fio)", fio_read_p50, fio_read_p99);
+    println!(
+        "{:<44} {:>12.0} {:>12.0} {:>7.2}",
+        "50/50 mix: reads/s vs 4 KiB IOPS",
+        f(&mixed_json, "reads_per_sec"),
+        fio_iops,
+        f(&result, "mixed_read_ratio_vs_fio")
+    );
+    println!(
+        "{:<44} {:>12.0} {:>12.0}",
+        "50/50 mix: read p99 / write p99 us",
+        f(&mixed_json, "read_p99_us"),
+        f(&mixed_json, "write_p99_us")
+    );
+    println!("{:<44} {:>12.2}", "device reads per record read", f(&read_json, "device_reads_per_record_read"));
+    println!("{:<44} {:>12.1}", "index bytes per record", f(&read_json, "index_bytes_per_record"));
+    println!("# machine CPU busy: before {busy_start:.0?} %, after {busy_end:.0?} %");
+    Ok(result)
+}

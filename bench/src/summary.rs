@@ -1,0 +1,118 @@
+//! The final summary: a table for people and one JSON object for scripts, with the embedded
+//! engine's own figures (device reads per record read, index bytes per record, write
+//! amplification) taken from its stats before and after the run.
+
+use peregrine_engine::EngineStats;
+use serde_json::{Value, json};
+
+use crate::cli::RunArgs;
+use crate::report::percentiles;
+use crate::run::Outcome;
+use crate::target::ErrorKind;
+
+/// Engine figures over the run (embedded mode).
+#[derive(Clone, Debug, Default)]
+pub struct EngineFigures {
+    /// Device read I/Os per record read that was not served from memory.
+    pub device_reads_per_record_read: f64,
+    /// Index RAM per record.
+    pub index_bytes_per_record: f64,
+    /// Device bytes written per record byte appended.
+    pub write_amplification: f64,
+}
+
+/// Computes the engine figures from stats taken before and after the run.
+pub fn engine_figures(before: &EngineStats, after: &EngineStats) -> EngineFigures {
+    let reads = after.record_reads_from_device.saturating_sub(before.record_reads_from_device);
+    let ios = after.device_reads.saturating_sub(before.device_reads);
+    let written: u64 = after.devices.iter().map(|d| d.write_bytes).sum::<u64>()
+        - before.devices.iter().map(|d| d.write_bytes).sum::<u64>();
+    let appended: u64 = after.devices.iter().map(|d| d.appended_bytes).sum::<u64>()
+        - before.devices.iter().map(|d| d.appended_bytes).sum::<u64>();
+    EngineFigures {
+        device_reads_per_record_read: if reads == 0 { 0.0 } else { ios as f64 / reads as f64 },
+        index_bytes_per_record: if after.records == 0 { 0.0 } else { after.index_bytes as f64 / after.records as f64 },
+        write_amplification: if appended == 0 { 0.0 } else { written as f64 / appended as f64 },
+    }
+}
+
+/// The summary as JSON.
+pub fn to_json(args: &RunArgs, outcome: &Outcome, engine: Option<&EngineFigures>) -> Value {
+    let secs = outcome.elapsed.as_secs_f64().max(1e-9);
+    let t = &outcome.total;
+    let [r50, r99, r999] = percentiles(&t.read);
+    let [w50, w99, w999] = percentiles(&t.write);
+    let by_kind: serde_json::Map<String, Value> =
+        ErrorKind::ALL.iter().map(|k| (k.name().to_string(), json!(t.errors[k.index()]))).collect();
+    let mut v = json!({
+        "workload": args.workload.to_string(),
+        "target": if args.embedded.is_some() { "embedded" } else { "hosts" },
+        "concurrency": args.concurrency,
+        "keys": args.keys,
+        "object_size_min": args.object_size.min,
+        "object_size_max": args.object_size.max,
+        "elapsed_s": secs,
+        "ops": t.read.len() + t.write.len(),
+        "ops_per_sec": (t.read.len() + t.write.len()) as f64 / secs,
+        "reads_per_sec": t.read.len() as f64 / secs,
+        "writes_per_sec": t.write.len() as f64 / secs,
+        "read_p50_us": r50, "read_p99_us": r99, "read_p999_us": r999,
+        "write_p50_us": w50, "write_p99_us": w99, "write_p999_us": w999,
+        "errors": t.error_total(),
+        "errors_by_kind": by_kind,
+    });
+    if let (Some(e), Some(obj)) = (engine, v.as_object_mut()) {
+        obj.insert("device_reads_per_record_read".into(), json!(e.device_reads_per_record_read));
+        obj.insert("index_bytes_per_record".into(), json!(e.index_bytes_per_record));
+        obj.insert("write_amplification".into(), json!(e.write_amplification));
+    }
+    v
+}
+
+/// The summary as a table.
+pub fn table(summary: &Value) -> String {
+    let get = |k: &str| summary.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\n== {} over {:.1} s, {} in flight ==\n",
+        summary.get("workload").and_then(Value::as_str).unwrap_or("?"),
+        get("elapsed_s"),
+        get("concurrency")
+    ));
+    out.push_str(&format!(
+        "throughput     {:>12.0} ops/s  (reads {:.0}/s, writes {:.0}/s)\n",
+        get("ops_per_sec"),
+        get("reads_per_sec"),
+        get("writes_per_sec")
+    ));
+    out.push_str(&format!(
+        "read latency   p50 {:>7} us  p99 {:>7} us  p99.9 {:>7} us\n",
+        get("read_p50_us"),
+        get("read_p99_us"),
+        get("read_p999_us")
+    ));
+    out.push_str(&format!(
+        "write latency  p50 {:>7} us  p99 {:>7} us  p99.9 {:>7} us\n",
+        get("write_p50_us"),
+        get("write_p99_us"),
+        get("write_p999_us")
+    ));
+    let kinds = summary.get("errors_by_kind").and_then(Value::as_object);
+    let listed: Vec<String> = kinds
+        .map(|m| m.iter().filter(|(_, n)| n.as_u64().unwrap_or(0) > 0).map(|(k, n)| format!("{k} {n}")).collect())
+        .unwrap_or_default();
+    out.push_str(&format!(
+        "errors         {}{}\n",
+        get("errors"),
+        if listed.is_empty() { String::new() } else { format!("  ({})", listed.join(", ")) }
+    ));
+    if summary.get("index_bytes_per_record").is_some() {
+        out.push_str(&format!(
+            "engine         {:.2} device reads per record read, {:.1} index bytes per record, write amplification {:.2}\n",
+            get("device_reads_per_record_read"),
+            get("index_bytes_per_record"),
+            get("write_amplification")
+        ));
+    }
+    out
+}

@@ -1,0 +1,195 @@
+//! Where operations go: the engine in this process, or (with `--hosts`) a server or cluster.
+//! Errors are sorted into the kinds the report counts.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use peregrine_engine::{Bin, BinSelection, Digest, Engine, EngineStats, Error, KeyRef, RecordExists, Ttl, WritePolicy};
+
+/// Kinds of failed operations, as reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The record was not there (for reads: not an error, counted apart).
+    NotFound,
+    /// The server or device is full.
+    DeviceFull,
+    /// The device is overloaded (write queue full) or the key is busy.
+    Overload,
+    /// The operation timed out.
+    Timeout,
+    /// Generation condition failed.
+    Generation,
+    /// Corrupt data was detected.
+    Corruption,
+    /// An I/O or network error.
+    Io,
+    /// `--verify` found a wrong value.
+    Verify,
+    /// Anything else.
+    Other,
+}
+
+impl ErrorKind {
+    /// Every kind, in report order.
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::NotFound,
+        ErrorKind::DeviceFull,
+        ErrorKind::Overload,
+        ErrorKind::Timeout,
+        ErrorKind::Generation,
+        ErrorKind::Corruption,
+        ErrorKind::Io,
+        ErrorKind::Verify,
+        ErrorKind::Other,
+    ];
+
+    /// Name in reports and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::DeviceFull => "device_full",
+            ErrorKind::Overload => "overload",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Generation => "generation",
+            ErrorKind::Corruption => "corruption",
+            ErrorKind::Io => "io",
+            ErrorKind::Verify => "verify",
+            ErrorKind::Other => "other",
+        }
+    }
+
+    /// Position in [`ErrorKind::ALL`].
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|k| *k == self).unwrap_or(Self::ALL.len() - 1)
+    }
+
+    fn of_engine(e: &Error) -> ErrorKind {
+        match e {
+            Error::NotFound => ErrorKind::NotFound,
+            Error::DeviceFull(_) => ErrorKind::DeviceFull,
+            Error::DeviceOverload(_) | Error::KeyBusy => ErrorKind::Overload,
+            Error::Generation { .. } => ErrorKind::Generation,
+            Error::Corruption { .. } => ErrorKind::Corruption,
+            Error::Io { .. } | Error::Failed { .. } => ErrorKind::Io,
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+/// The engine, opened in this process.
+#[derive(Debug)]
+pub struct Embedded {
+    engine: Engine,
+    set: Vec<u8>,
+    ttl: Ttl,
+}
+
+/// A target for operations.
+#[derive(Debug)]
+pub enum Target {
+    /// The engine in this process.
+    Embedded(Embedded),
+}
+
+/// The digest of integer key `k` in `set`.
+pub fn digest_of(set: &[u8], k: u64) -> Digest {
+    Digest::of_key(set, KeyRef::Int(k as i64))
+}
+
+impl Target {
+    /// An embedded target.
+    pub fn embedded(engine: Engine, set: &str, ttl: Option<u32>) -> Target {
+        let ttl = ttl.map_or(Ttl::NamespaceDefault, Ttl::Seconds);
+        Target::Embedded(Embedded { engine, set: set.as_bytes().to_vec(), ttl })
+    }
+
+    /// Reads one key: `Ok(None)` when it does not exist.
+    pub async fn read(&self, key: u64) -> Result<Option<Vec<Bin>>, ErrorKind> {
+        match self {
+            Target::Embedded(t) => match t.engine.get_async(&digest_of(&t.set, key), &BinSelection::All).await {
+                Ok(r) => Ok(Some(r.bins)),
+                Err(Error::NotFound) => Ok(None),
+                Err(e) => Err(ErrorKind::of_engine(&e)),
+            },
+        }
+    }
+
+    /// Reads several keys.
+    pub async fn read_batch(&self, keys: &[u64]) -> Result<Vec<Option<Vec<Bin>>>, ErrorKind> {
+        let reads: Vec<Pin<Box<dyn Future<Output = _> + Send + '_>>> =
+            keys.iter().map(|k| Box::pin(self.read(*k)) as Pin<Box<dyn Future<Output = _> + Send>>).collect();
+        JoinAll { pending: reads.into_iter().map(Some).collect(), done: keys.iter().map(|_| None).collect() }
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// Writes one key (update merges, replace replaces).
+    pub async fn write(&self, key: u64, bins: Vec<Bin>, replace: bool) -> Result<(), ErrorKind> {
+        match self {
+            Target::Embedded(t) => {
+                let policy = WritePolicy {
+                    exists: if replace { RecordExists::Replace } else { RecordExists::Update },
+                    ttl: t.ttl,
+                    ..WritePolicy::default()
+                };
+                t.engine
+                    .put_async(&digest_of(&t.set, key), &t.set, None, bins, &policy)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| ErrorKind::of_engine(&e))
+            }
+        }
+    }
+
+    /// Engine statistics (embedded only).
+    pub fn engine_stats(&self) -> Option<EngineStats> {
+        match self {
+            Target::Embedded(t) => Some(t.engine.stats()),
+        }
+    }
+
+    /// Waits until everything written is on the device (embedded only).
+    pub fn flush(&self) -> Result<(), String> {
+        match self {
+            Target::Embedded(t) => t.engine.flush().map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Flushes and closes an embedded engine.
+    pub fn close(&self) -> Result<(), String> {
+        match self {
+            Target::Embedded(t) => t.engine.close().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Polls a set of futures to completion, keeping their results in order.
+struct JoinAll<'a, T> {
+    pending: Vec<Option<Pin<Box<dyn Future<Output = T> + Send + 'a>>>>,
+    done: Vec<Option<T>>,
+}
+
+impl<T> Future for JoinAll<'_, T> {
+    type Output = Vec<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<T>> {
+        let this = self.get_mut();
+        let mut all_done = true;
+        for (slot, out) in this.pending.iter_mut().zip(this.done.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => {
+                        *out = Some(v);
+                        *slot = None;
+                    }
+                    Poll::Pending => all_done = false,
+                }
+            }
+        }
+        if all_done { Poll::Ready(this.done.iter_mut().filter_map(Option::take).collect()) } else { Poll::Pending }
+    }
+}
+
+impl<T> Unpin for JoinAll<'_, T> {}
