@@ -98,6 +98,18 @@ pub struct RunArgs {
     /// Embedded: write block size.
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "8M")]
     pub write_block: u64,
+    /// Embedded: largest device write piece while reads are active.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "128K")]
+    pub write_chunk: u64,
+    /// Embedded: device write pieces in flight while reads are active.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub write_depth: u32,
+    /// Embedded: largest device write piece when no reads are active.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "1M")]
+    pub bulk_write_chunk: u64,
+    /// Embedded: device write pieces in flight when no reads are active.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub bulk_write_depth: u32,
     /// Embedded: acknowledge writes only once durable (group commit).
     #[arg(long)]
     pub commit_to_device: bool,
@@ -107,9 +119,25 @@ pub struct RunArgs {
     /// Embedded: post-write cache per device.
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "64M")]
     pub post_write_cache: u64,
+    /// Do not pin threads (by default the engine's I/O thread gets the last CPU).
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Request threads: `split` (pinned to the CPUs the I/O thread does not use; best for reads)
+    /// or `float` (one per CPU, unpinned; best for CPU-heavy loads).
+    #[arg(long, value_enum, default_value = "split")]
+    pub workers: WorkerPlacement,
     /// Remote: per-operation timeout in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub timeout_ms: u64,
+}
+
+/// Where the request threads run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerPlacement {
+    /// Pinned to the CPUs left after the engine's I/O thread's.
+    Split,
+    /// One per CPU, unpinned.
+    Float,
 }
 
 /// An object size or a range of sizes.

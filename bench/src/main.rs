@@ -14,10 +14,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use peregrine_engine::affinity;
 use peregrine_engine::io::{IoBackendChoice, IoOptions};
 use peregrine_engine::{Engine, EngineConfig};
 
-use crate::cli::{Cli, Command, RunArgs, SizeRange, Workload, parse_size};
+use crate::cli::{Cli, Command, RunArgs, SizeRange, WorkerPlacement, Workload, parse_size};
 use crate::target::Target;
 
 fn open_embedded(args: &RunArgs, format: bool) -> Result<Target, String> {
@@ -25,6 +26,10 @@ fn open_embedded(args: &RunArgs, format: bool) -> Result<Target, String> {
     let mut config = EngineConfig::single_file(args.namespace.clone(), path, args.device_size);
     config.write_block_bytes = u32::try_from(args.write_block).map_err(|_| "--write-block too large")?;
     config.commit_to_device = args.commit_to_device;
+    config.write_chunk_bytes = u32::try_from(args.write_chunk).map_err(|_| "--write-chunk too large")?;
+    config.write_queue_depth = args.write_depth;
+    config.bulk_write_chunk_bytes = u32::try_from(args.bulk_write_chunk).map_err(|_| "--bulk-write-chunk too large")?;
+    config.bulk_write_queue_depth = args.bulk_write_depth;
     config.post_write_cache_bytes = args.post_write_cache;
     config.format_foreign_devices = format;
     config.io = IoOptions {
@@ -33,20 +38,41 @@ fn open_embedded(args: &RunArgs, format: bool) -> Result<Target, String> {
             "blocking" => IoBackendChoice::Blocking,
             _ => IoBackendChoice::Auto,
         },
+        io_thread_cpus: if args.no_pin {
+            Vec::new()
+        } else {
+            affinity::split_io_cpu().map(|(io, _)| vec![io]).unwrap_or_default()
+        },
         ..IoOptions::default()
     };
     let engine = Engine::open(config).map_err(|e| format!("opening {}: {e}", path.display()))?;
     Ok(Target::embedded(engine, &args.set, args.ttl))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("starting tokio: {e}"))
+/// The request runtime. `split`: one worker per CPU left after the engine's I/O thread's, pinned
+/// there (best for reads: no thread migrations, measured +15 %). `float`: one worker per CPU,
+/// unpinned (best for CPU-heavy loads). Without pinning at all (--no-pin) workers float too.
+fn runtime(workers: WorkerPlacement, pin: bool) -> Result<tokio::runtime::Runtime, String> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all();
+    if pin
+        && workers == WorkerPlacement::Split
+        && let Some((_, cpus)) = affinity::split_io_cpu()
+    {
+        b.worker_threads(cpus.len());
+        b.on_thread_start(move || {
+            if let Err(e) = affinity::pin_current_thread(&cpus) {
+                tracing::warn!(error = %e, "could not pin a worker thread");
+            }
+        });
+    }
+    b.build().map_err(|e| format!("starting tokio: {e}"))
 }
 
 fn run_workload(args: &RunArgs) -> Result<ExitCode, String> {
     args.validate()?;
     let target = Arc::new(open_embedded(args, false)?);
-    let rt = runtime()?;
+    let rt = runtime(args.workers, !args.no_pin)?;
     let before = target.engine_stats();
     let outcome = rt.block_on(run::run(args, target.clone()));
     target.flush()?;
@@ -87,7 +113,7 @@ fn canonical() -> Result<ExitCode, String> {
         args.workload = Workload::Insert;
         eprintln!("# canonical workload: 500k keys of 1 KiB on a 2 GiB file in {}; loading...", dir.display());
         let target = Arc::new(open_embedded(&args, false)?);
-        let rt = runtime()?;
+        let rt = runtime(WorkerPlacement::Split, true)?;
         rt.block_on(run::run(&args, target.clone()));
         args.workload = Workload::ReadUpdate { read_pct: 80 };
         args.duration = Some(25.0);
@@ -120,7 +146,7 @@ fn main() -> ExitCode {
     } else {
         let cli = Cli::parse();
         match cli.command {
-            Some(Command::Physical(args)) => physical::physical(args.clone(), open_embedded).map(|v| {
+            Some(Command::Physical(args)) => physical::physical(args.clone(), open_embedded, runtime).map(|v| {
                 if args.json {
                     println!("{v}");
                 }

@@ -10,10 +10,13 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::cli::{RunArgs, Workload};
+use crate::cli::{RunArgs, WorkerPlacement, Workload};
 use crate::run::run;
 use crate::summary::{engine_figures, to_json};
 use crate::target::Target;
+
+/// Alternating fio / Peregrine random-read rounds; medians are compared.
+const READ_ROUNDS: usize = 3;
 
 /// Whole-machine CPU busy percentage over `secs` seconds (from /proc/stat).
 pub fn cpu_busy_pct(secs: f64) -> Option<f64> {
@@ -79,7 +82,11 @@ async fn phase(args: &RunArgs, target: &Arc<Target>) -> Value {
 }
 
 /// Runs fio and Peregrine on the same file and prints the comparison.
-pub fn physical(mut args: RunArgs, open: impl Fn(&RunArgs, bool) -> Result<Target, String>) -> Result<Value, String> {
+pub fn physical(
+    mut args: RunArgs,
+    open: impl Fn(&RunArgs, bool) -> Result<Target, String>,
+    runtime: impl Fn(WorkerPlacement, bool) -> Result<tokio::runtime::Runtime, String>,
+) -> Result<Value, String> {
     let Some(path) = args.embedded.clone() else {
         return Err("physical needs --embedded PATH (the file or device to measure)".into());
     };
@@ -95,26 +102,53 @@ pub fn physical(mut args: RunArgs, open: impl Fn(&RunArgs, bool) -> Result<Targe
     fio_layout(&path, size)?;
     eprintln!("# fio: 1 MiB sequential writes, queue depth 4, {secs} s");
     let seqw = fio(&path, size, secs, &["--rw=write", "--bs=1M", "--iodepth=4"])?;
-    eprintln!("# fio: 4 KiB random reads, queue depth {qd}, {secs} s");
-    let rr = fio(&path, size, secs, &["--rw=randread", "--bs=4k", &format!("--iodepth={qd}")])?;
     let (_, fio_write_mbps, _, fio_write_p99) = fio_figures(&seqw, "write");
-    let (fio_iops, _, fio_read_p50, fio_read_p99) = fio_figures(&rr, "read");
 
     // fio left garbage in the file: Peregrine reformats it.
     let target = Arc::new(open(&args, true)?);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let rt = runtime(WorkerPlacement::Split, !args.no_pin)?;
+    // The load is CPU-heavy on the client side: its request threads float over every CPU.
+    let load_rt = runtime(WorkerPlacement::Float, !args.no_pin)?;
     args.quiet = true;
     let mut load = args.clone();
     load.workload = Workload::Insert;
     load.duration = None;
     load.ops = None;
     eprintln!("# peregrine: insert {} keys of {} bytes", args.keys, args.object_size.max);
-    let load_json = rt.block_on(phase(&load, &target));
+    let load_json = load_rt.block_on(phase(&load, &target));
+    drop(load_rt);
+    // Random reads: alternate fio and Peregrine rounds on the same file and compare medians
+    // (the disk is shared and drifts by 10-25 % between minutes).
     let mut reads = args.clone();
     reads.workload = Workload::ReadUpdate { read_pct: 100 };
     reads.duration = Some(secs);
-    eprintln!("# peregrine: random reads, {qd} in flight, {secs} s");
-    let read_json = rt.block_on(phase(&reads, &target));
+    let fio_job = ["--rw=randread".to_string(), "--bs=4k".to_string(), format!("--iodepth={qd}")];
+    let fio_job: Vec<&str> = fio_job.iter().map(String::as_str).collect();
+    let mut fio_rounds = Vec::new();
+    let mut read_rounds = Vec::new();
+    for round in 1..=READ_ROUNDS {
+        eprintln!(
+            "# round {round}/{READ_ROUNDS}: fio 4 KiB random reads, then Peregrine random reads, QD {qd}, {secs} s each"
+        );
+        fio_rounds.push(fio_figures(&fio(&path, size, secs, &fio_job)?, "read"));
+        read_rounds.push(rt.block_on(phase(&reads, &target)));
+    }
+    let median_of = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let fio_iops = median_of(fio_rounds.iter().map(|r| r.0).collect());
+    let fio_read_p50 = median_of(fio_rounds.iter().map(|r| r.2).collect());
+    let fio_read_p99 = median_of(fio_rounds.iter().map(|r| r.3).collect());
+    let ours =
+        |k: &str| median_of(read_rounds.iter().map(|v| v.get(k).and_then(Value::as_f64).unwrap_or(0.0)).collect());
+    let mut read_json = read_rounds[read_rounds.len() / 2].clone();
+    for k in ["reads_per_sec", "read_p50_us", "read_p99_us", "read_p999_us", "device_reads_per_record_read"] {
+        read_json[k] = json!(ours(k));
+    }
+    read_json["rounds_reads_per_sec"] =
+        json!(read_rounds.iter().map(|v| v["reads_per_sec"].clone()).collect::<Vec<_>>());
+    let fio_round_iops: Vec<f64> = fio_rounds.iter().map(|r| r.0).collect();
     let mut mixed = args.clone();
     mixed.workload = Workload::ReadUpdate { read_pct: 50 };
     mixed.duration = Some(secs);
@@ -130,6 +164,7 @@ pub fn physical(mut args: RunArgs, open: impl Fn(&RunArgs, bool) -> Result<Targe
         "fio_seq_write_1m_qd4_mbps": fio_write_mbps,
         "fio_seq_write_p99_us": fio_write_p99,
         "fio_rand_read_4k_iops": fio_iops,
+        "fio_rand_read_4k_iops_rounds": fio_round_iops,
         "fio_rand_read_p50_us": fio_read_p50,
         "fio_rand_read_p99_us": fio_read_p99,
         "queue_depth": qd,
@@ -181,6 +216,7 @@ pub fn physical(mut args: RunArgs, open: impl Fn(&RunArgs, bool) -> Result<Targe
     );
     println!("{:<44} {:>12.2}", "device reads per record read", f(&read_json, "device_reads_per_record_read"));
     println!("{:<44} {:>12.1}", "index bytes per record", f(&read_json, "index_bytes_per_record"));
+    println!("{:<44} {:?} vs fio {:?}", "read rounds (reads/s)", read_json["rounds_reads_per_sec"], fio_round_iops);
     println!("# machine CPU busy: before {busy_start:.0?} %, after {busy_end:.0?} %");
     Ok(result)
 }

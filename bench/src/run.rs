@@ -149,9 +149,12 @@ fn drain(recorders: &[Arc<Mutex<Interval>>]) -> Interval {
 async fn worker(shared: Arc<Shared>, chooser: Chooser, mut rng: Rng, recorder: Arc<Mutex<Interval>>) {
     // Versions this task wrote, per key (with --verify each key belongs to one task).
     let mut written: HashMap<u64, u64> = HashMap::new();
-    let mut local = Interval::default();
-    let mut since_flush = 0u32;
+    let local = Recorder(recorder);
     while !shared.stop.load(Ordering::Relaxed) {
+        // Engine calls served from memory complete without ever suspending; spend tokio's
+        // cooperative budget so one task cannot starve the others (or the timer that stops the
+        // run).
+        tokio::task::consume_budget().await;
         let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
         if seq >= shared.op_limit {
             break;
@@ -175,7 +178,7 @@ async fn worker(shared: Arc<Shared>, chooser: Chooser, mut rng: Rng, recorder: A
                     Ok(rows) => {
                         local.read(scheduled.elapsed());
                         for (k, row) in keys.iter().zip(rows) {
-                            check_read(&shared, &written, *k, row, &mut local);
+                            check_read(&shared, &written, *k, row, &local);
                         }
                     }
                     Err(kind) => local.error(kind),
@@ -207,14 +210,28 @@ async fn worker(shared: Arc<Shared>, chooser: Chooser, mut rng: Rng, recorder: A
                 }
             }
         }
-        since_flush += 1;
-        if since_flush >= 64 || shared.rate.is_some() {
-            recorder.lock().unwrap_or_else(PoisonError::into_inner).merge(&local);
-            local = Interval::default();
-            since_flush = 0;
-        }
     }
-    recorder.lock().unwrap_or_else(PoisonError::into_inner).merge(&local);
+}
+
+/// A task's recorder; the reporter swaps its contents out once a second.
+struct Recorder(Arc<Mutex<Interval>>);
+
+impl Recorder {
+    fn with(&self, f: impl FnOnce(&mut Interval)) {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn read(&self, latency: Duration) {
+        self.with(|i| i.read(latency));
+    }
+
+    fn write(&self, latency: Duration) {
+        self.with(|i| i.write(latency));
+    }
+
+    fn error(&self, kind: ErrorKind) {
+        self.with(|i| i.error(kind));
+    }
 }
 
 fn check_read(
@@ -222,7 +239,7 @@ fn check_read(
     written: &HashMap<u64, u64>,
     k: u64,
     row: Option<Vec<peregrine_engine::Bin>>,
-    local: &mut Interval,
+    local: &Recorder,
 ) {
     let Some(bins) = row else {
         if shared.verify && written.contains_key(&k) {
@@ -247,7 +264,7 @@ fn check_read(
     }
 }
 
-fn fail(shared: &Shared, local: &mut Interval, message: String) {
+fn fail(shared: &Shared, local: &Recorder, message: String) {
     local.error(ErrorKind::Verify);
     let mut f = shared.failures.lock().unwrap_or_else(PoisonError::into_inner);
     if f.len() < 20 {

@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 use crate::format::{DATA_OFFSET_BYTES, WRITE_BLOCK_BYTES_MAX, WRITE_BLOCK_BYTES_MIN, block_header, device_header};
 use crate::io::IoOptions;
 
+/// Default record size limit (Aerospike's `max-record-size` default).
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// Fewest write blocks a device may have.
 pub const BLOCKS_PER_DEVICE_MIN: u64 = 4;
 
@@ -33,7 +35,8 @@ pub struct EngineConfig {
     pub devices: Vec<DeviceSpec>,
     /// Write block size: a power of two from 128 KiB to 8 MiB.
     pub write_block_bytes: u32,
-    /// Largest record accepted (serialized size), at most the write block minus its header.
+    /// Largest record accepted (serialized size). 0 means the default: 1 MiB (as Aerospike), or
+    /// the write block minus its header if that is smaller.
     pub max_record_bytes: u32,
     /// A partly filled write block is flushed after this long (0 = only when full).
     pub flush_interval_ms: u64,
@@ -41,10 +44,18 @@ pub struct EngineConfig {
     pub commit_to_device: bool,
     /// Recently written blocks kept in memory to serve reads, per device.
     pub post_write_cache_bytes: u64,
-    /// Device writes are issued in pieces of at most this size, so reads are not starved.
+    /// While reads are active, device writes are issued in pieces of at most this size, so
+    /// reads do not queue behind large writes.
     pub write_chunk_bytes: u32,
-    /// At most this many write pieces in flight per device.
+    /// While reads are active, at most this many write pieces are in flight per device.
     pub write_queue_depth: u32,
+    /// When no read has reached the device for `bulk_write_after_read_quiet_ms`, writes use
+    /// pieces of this size (bulk loads run at the device's write bandwidth).
+    pub bulk_write_chunk_bytes: u32,
+    /// ... and this many pieces in flight.
+    pub bulk_write_queue_depth: u32,
+    /// How long without device reads before writes switch to bulk pieces.
+    pub bulk_write_after_read_quiet_ms: u64,
     /// Full write blocks waiting for the device beyond this many bytes make writes fail fast
     /// with "device overload" instead of growing memory.
     pub max_write_queue_bytes: u64,
@@ -69,12 +80,15 @@ impl EngineConfig {
             namespace: namespace.into(),
             devices,
             write_block_bytes: WRITE_BLOCK_BYTES_MAX,
-            max_record_bytes: 1024 * 1024,
+            max_record_bytes: 0,
             flush_interval_ms: 1000,
             commit_to_device: false,
             post_write_cache_bytes: 64 * 1024 * 1024,
             write_chunk_bytes: 128 * 1024,
             write_queue_depth: 2,
+            bulk_write_chunk_bytes: 1024 * 1024,
+            bulk_write_queue_depth: 4,
+            bulk_write_after_read_quiet_ms: 100,
             max_write_queue_bytes: 64 * 1024 * 1024,
             default_ttl_s: 0,
             format_foreign_devices: false,
@@ -87,6 +101,14 @@ impl EngineConfig {
     /// A single file device of `size_bytes` at `path`.
     pub fn single_file(namespace: impl Into<String>, path: impl Into<PathBuf>, size_bytes: u64) -> EngineConfig {
         EngineConfig::new(namespace, vec![DeviceSpec { path: path.into(), file_size_bytes: Some(size_bytes) }])
+    }
+
+    /// The record size limit in force (see [`EngineConfig::max_record_bytes`]).
+    pub fn effective_max_record_bytes(&self) -> usize {
+        match self.max_record_bytes {
+            0 => DEFAULT_MAX_RECORD_BYTES.min(self.write_block_bytes as usize - block_header::BYTES),
+            n => n as usize,
+        }
     }
 
     /// Checks every limit; returns a message naming the offending setting.
@@ -105,21 +127,26 @@ impl EngineConfig {
             ));
         }
         let record_max = wbs as usize - block_header::BYTES;
-        if self.max_record_bytes < 1024 || self.max_record_bytes as usize > record_max {
+        if self.max_record_bytes != 0 && (self.max_record_bytes < 1024 || self.max_record_bytes as usize > record_max) {
             return bad(format!(
                 "max_record_bytes must be from 1024 to write_block_bytes - {} = {record_max}, got {}",
                 block_header::BYTES,
                 self.max_record_bytes
             ));
         }
-        if !self.write_chunk_bytes.is_power_of_two() || self.write_chunk_bytes < 4096 || self.write_chunk_bytes > wbs {
-            return bad(format!(
-                "write_chunk_bytes must be a power of two from 4096 to write_block_bytes, got {}",
-                self.write_chunk_bytes
-            ));
+        for (name, chunk) in
+            [("write_chunk_bytes", self.write_chunk_bytes), ("bulk_write_chunk_bytes", self.bulk_write_chunk_bytes)]
+        {
+            if !chunk.is_power_of_two() || chunk < 4096 {
+                return bad(format!("{name} must be a power of two of at least 4096, got {chunk}"));
+            }
         }
-        if self.write_queue_depth == 0 || self.write_queue_depth > 64 {
-            return bad(format!("write_queue_depth must be 1 to 64, got {}", self.write_queue_depth));
+        for (name, depth) in
+            [("write_queue_depth", self.write_queue_depth), ("bulk_write_queue_depth", self.bulk_write_queue_depth)]
+        {
+            if depth == 0 || depth > 64 {
+                return bad(format!("{name} must be 1 to 64, got {depth}"));
+            }
         }
         if self.max_write_queue_bytes < u64::from(wbs) {
             return bad("max_write_queue_bytes must hold at least one write block".into());

@@ -185,11 +185,13 @@ impl Engine {
         config.validate()?;
         let started = Instant::now();
         let mut opened = Vec::new();
-        for spec in &config.devices {
+        for (i, spec) in config.devices.iter().enumerate() {
             let dev = device::open_device(&spec.path, spec.file_size_bytes, config.device_lock_wait_ms)?;
             let label = spec.path.display().to_string();
             let control = dev.file.try_clone().map_err(|e| Error::io(format!("duplicating {label}"), e))?;
-            let io = io::open_backend(dev.file, &config.io, &label, dev.granule)
+            let cpus = &config.io.io_thread_cpus;
+            let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+            let io = io::open_backend(dev.file, &config.io, &label, dev.granule, cpu)
                 .map_err(|e| Error::io(format!("starting I/O for {label}"), e))?;
             let probe = probe_header(&io, &label, dev.size_bytes)?;
             opened.push(Opened {
@@ -239,6 +241,9 @@ impl Engine {
                     post_write_cache_bytes: config.post_write_cache_bytes,
                     write_chunk_bytes: config.write_chunk_bytes,
                     write_queue_depth: config.write_queue_depth,
+                    bulk_write_chunk_bytes: config.bulk_write_chunk_bytes,
+                    bulk_write_queue_depth: config.bulk_write_queue_depth,
+                    bulk_write_after_read_quiet_ms: config.bulk_write_after_read_quiet_ms,
                     max_write_queue_bytes: config.max_write_queue_bytes,
                 },
                 o.io.clone(),

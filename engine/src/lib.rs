@@ -5,6 +5,7 @@
 //! record versions (generation, last-update time) so a replication layer can apply a version
 //! decided elsewhere identically on every replica.
 
+pub mod affinity;
 pub mod blocks;
 pub mod clock;
 pub mod completion;

@@ -116,7 +116,8 @@ impl Engine {
         block_on(self.get_async(digest, bins))
     }
 
-    /// Reads a record.
+    /// Reads a record. Like every `*_async` method, it completes without suspending when the
+    /// record is in memory: an async caller looping over it should yield now and then.
     pub async fn get_async(&self, digest: &Digest, bins: &BinSelection) -> Result<Record> {
         self.ensure_open()?;
         let entry = self.live_entry(digest).ok_or(Error::NotFound)?;
@@ -325,7 +326,7 @@ impl Engine {
         let digest = *version.digest();
         let mut bytes = Vec::with_capacity(256);
         codec::encode(version, &mut bytes)?;
-        let max = self.inner.config.max_record_bytes as usize;
+        let max = self.inner.config.effective_max_record_bytes();
         if bytes.len() > max {
             return Err(Error::RecordTooBig { size: bytes.len(), max });
         }
@@ -337,7 +338,7 @@ impl Engine {
         let meta = *version.meta();
         let dev = &self.inner.devices[device_for(&digest, self.inner.devices.len())];
         let mut table = self.inner.index.write(digest.partition());
-        let current = table.get(&digest);
+        let (current, hint) = table.lookup(&digest);
         if let Expect::Exactly(expected) = expect
             && current != expected
         {
@@ -353,7 +354,7 @@ impl Engine {
             last_update_ms: meta.last_update_ms,
             flags: EntryFlags::empty().with(EntryFlags::TOMBSTONE, tombstone).with(EntryFlags::KEY_STORED, key_stored),
         };
-        table.insert(entry);
+        table.insert_hinted(entry, hint);
         if let Some(old) = &current {
             self.release(old, appended.pos);
         }

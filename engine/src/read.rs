@@ -102,6 +102,7 @@ impl Engine {
         let start = align_down(loc.offset, align);
         let end = align_up(loc.offset + loc.size as u64, align);
         let len = (end - start) as usize;
+        dev.writer.note_read();
         let buf = await_io(dev.io.read(start, AlignedBuf::zeroed(len), len))
             .await
             .map_err(|e| Error::io(format!("reading {} at {}", dev.label, loc.offset), e))?;

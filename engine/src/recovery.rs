@@ -251,16 +251,17 @@ fn apply(
         flags,
     };
     let mut table = index.write(digest.partition());
-    match table.get(&digest) {
+    let (existing, hint) = table.lookup(&digest);
+    match existing {
         None => {
-            table.insert(candidate);
+            table.insert_hinted(candidate, hint);
             target.blocks.add_live(block, extent);
         }
         Some(existing) => {
             let (old_block, old_offset) = g.split(existing.location.offset);
             let existing_pos = (target.blocks.sequence(old_block), old_offset);
             if (sequence, offset) > existing_pos {
-                table.insert(candidate);
+                table.insert_hinted(candidate, hint);
                 target.blocks.add_live(block, extent);
                 target.blocks.remove_live(old_block, u64::from(existing.location.size), 0);
             }

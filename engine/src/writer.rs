@@ -61,6 +61,12 @@ pub struct WriterConfig {
     pub write_chunk_bytes: u32,
     /// See [`crate::EngineConfig::write_queue_depth`].
     pub write_queue_depth: u32,
+    /// See [`crate::EngineConfig::bulk_write_chunk_bytes`].
+    pub bulk_write_chunk_bytes: u32,
+    /// See [`crate::EngineConfig::bulk_write_queue_depth`].
+    pub bulk_write_queue_depth: u32,
+    /// See [`crate::EngineConfig::bulk_write_after_read_quiet_ms`].
+    pub bulk_write_after_read_quiet_ms: u64,
     /// See [`crate::EngineConfig::max_write_queue_bytes`].
     pub max_write_queue_bytes: u64,
 }
@@ -137,6 +143,10 @@ pub struct Writer {
     wake: Condvar,
     mem: RwLock<HashMap<u32, Arc<MemBlock>>>,
     durable: AtomicU64,
+    /// When this writer was created (the origin of `last_read_ms`).
+    born: Instant,
+    /// Milliseconds after `born` of the last device read of a record on this device.
+    last_read_ms: AtomicU64,
     /// Device write counters.
     pub counters: WriterCounters,
 }
@@ -186,6 +196,8 @@ impl Writer {
             wake: Condvar::new(),
             mem: RwLock::new(HashMap::new()),
             durable: AtomicU64::new(write_pos(next_sequence.saturating_sub(1), u32::MAX)),
+            born: Instant::now(),
+            last_read_ms: AtomicU64::new(0),
             counters: WriterCounters::default(),
         }
     }
@@ -212,6 +224,25 @@ impl Writer {
     /// Bytes of full blocks waiting for the device.
     pub fn queued_bytes(&self) -> u64 {
         self.lock().sealed.len() as u64 * u64::from(self.geometry.block_bytes)
+    }
+
+    /// A record read is about to go to this device: writes yield to reads for a while.
+    pub fn note_read(&self) {
+        self.last_read_ms.store(self.born.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+    }
+
+    /// (piece size, pieces in flight) for the next device write: small and shallow while reads
+    /// are active, large and deep otherwise.
+    fn write_shape(&self) -> (usize, usize) {
+        let last = self.last_read_ms.load(Ordering::Relaxed);
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        let reading = last > 0 && now.saturating_sub(last) < self.config.bulk_write_after_read_quiet_ms;
+        let block = self.geometry.block_bytes as usize;
+        if reading {
+            ((self.config.write_chunk_bytes as usize).min(block), self.config.write_queue_depth as usize)
+        } else {
+            ((self.config.bulk_write_chunk_bytes as usize).min(block), self.config.bulk_write_queue_depth as usize)
+        }
     }
 
     /// The block if it is in memory (open, sealed, or cached).
@@ -297,8 +328,10 @@ impl Writer {
         };
         st.next_sequence += 1;
         self.seal_open(st);
+        // A reused buffer keeps bytes of its previous block past the fill mark. They reach the
+        // device only in the partial last sector of a flush, and never verify there: their
+        // checksums are seeded with another block's sequence.
         let mut buf = st.pool.pop().unwrap_or_else(|| AlignedBuf::zeroed(self.geometry.block_bytes as usize));
-        buf.fill_zero();
         let opened_unix_ms = self.clock.now_unix_ms();
         let header = block_header::BlockHeader {
             sequence,
@@ -510,41 +543,34 @@ impl Writer {
 
     fn write_range(&self, mem: &Arc<MemBlock>, from: usize, to: usize, header_sector_last: bool) -> io::Result<()> {
         let base = self.geometry.block_offset(mem.index);
-        let chunk = self.config.write_chunk_bytes as usize;
-        let depth = self.config.write_queue_depth as usize;
-        let mut pieces: Vec<(usize, usize)> = Vec::new();
+        let mut in_flight = VecDeque::new();
         let mut off = from;
         while off < to {
-            let len = chunk.min(to - off);
-            pieces.push((off, len));
-            off += len;
-        }
-        if header_sector_last {
-            pieces.push((0, IO_ALIGN_BYTES));
-        }
-        let mut in_flight = VecDeque::new();
-        for (i, (off, len)) in pieces.iter().copied().enumerate() {
-            // The header sector goes last, after every data piece has landed.
-            let is_header = header_sector_last && i == pieces.len() - 1;
-            if is_header {
-                while let Some(c) = in_flight.pop_front() {
-                    wait_io(c)?;
-                }
-            }
-            let src = WriteSource { buf: mem.buf.clone(), start: off, len };
-            in_flight.push_back(self.io.write(base + off as u64, src));
-            self.counters.writes.fetch_add(1, Ordering::Relaxed);
-            self.counters.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            // Re-decided for every piece: a read arriving mid-block shrinks the next pieces.
+            let (chunk, depth) = self.write_shape();
             while in_flight.len() >= depth {
                 if let Some(c) = in_flight.pop_front() {
                     wait_io(c)?;
                 }
             }
+            let len = chunk.min(to - off);
+            in_flight.push_back(self.issue_write(mem, base, off, len));
+            off += len;
         }
+        // The header sector goes last, after every data piece has landed.
         for c in in_flight {
             wait_io(c)?;
         }
+        if header_sector_last {
+            wait_io(self.issue_write(mem, base, 0, IO_ALIGN_BYTES))?;
+        }
         Ok(())
+    }
+
+    fn issue_write(&self, mem: &Arc<MemBlock>, base: u64, off: usize, len: usize) -> Completion<io::Result<()>> {
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.io.write(base + off as u64, WriteSource { buf: mem.buf.clone(), start: off, len })
     }
 
     fn sync(&self) -> io::Result<()> {

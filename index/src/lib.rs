@@ -20,7 +20,7 @@ pub use entry::{
     DEVICE_BYTES_MAX, DEVICES_MAX, Entry, EntryFlags, LAST_UPDATE_MS_MAX, LOCATION_ALIGN_BYTES, Location,
     PACKED_ENTRY_LEN, RECORD_EXTENT_BYTES_MAX, SET_ID_MAX,
 };
-pub use table::{LOAD_PERCENT_MAX, LOAD_PERCENT_MIN, PartitionTable};
+pub use table::{LOAD_PERCENT_MAX, LOAD_PERCENT_MIN, PartitionTable, SlotHint};
 
 /// The primary index of one namespace.
 #[derive(Debug)]

@@ -20,6 +20,14 @@ const LOAD_PERCENT_AFTER_RESIZE: usize = 72;
 /// Smallest non-zero capacity.
 const CAPACITY_MIN: usize = 8;
 
+/// Where a looked-up digest sits (or that it is absent), valid until the table is modified.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotHint {
+    index: Option<usize>,
+    capacity: usize,
+    digest: Digest,
+}
+
 /// The hash table of one partition.
 #[derive(Debug)]
 pub struct PartitionTable {
@@ -62,6 +70,40 @@ impl PartitionTable {
     /// The entry for `digest`, if present.
     pub fn get(&self, digest: &Digest) -> Option<Entry> {
         self.find(digest).map(|i| unpack(self.pid, &self.slots[i]))
+    }
+
+    /// Looks `digest` up and returns a hint that lets [`PartitionTable::insert_hinted`] store
+    /// the new version without probing again (while the caller holds the table exclusively).
+    pub fn lookup(&self, digest: &Digest) -> (Option<Entry>, SlotHint) {
+        let index = self.find(digest);
+        let hint = SlotHint { index, capacity: self.slots.len(), digest: *digest };
+        (index.map(|i| unpack(self.pid, &self.slots[i])), hint)
+    }
+
+    /// Inserts or replaces `entry` using a hint from [`PartitionTable::lookup`] on the same
+    /// digest; falls back to a full insert if the table changed since. Returns the previous entry.
+    pub fn insert_hinted(&mut self, entry: Entry, hint: SlotHint) -> Option<Entry> {
+        assert_eq!(hint.digest, entry.digest, "hint belongs to another digest");
+        if hint.capacity != self.slots.len() {
+            return self.insert(entry);
+        }
+        match hint.index {
+            Some(i) if slot_matches(&self.slots[i], &entry.digest) => {
+                let old = unpack(self.pid, &self.slots[i]);
+                self.slots[i] = pack(&entry);
+                Some(old)
+            }
+            Some(_) => self.insert(entry),
+            None => {
+                assert_eq!(entry.digest.partition(), self.pid, "digest belongs to another partition");
+                if (self.len + 1) * 100 > self.slots.len() * LOAD_PERCENT_MAX {
+                    self.resize(grown_capacity(self.len + 1));
+                }
+                self.insert_new(pack(&entry));
+                self.len += 1;
+                None
+            }
+        }
     }
 
     /// Inserts or replaces the entry for `entry.digest`; returns the previous entry.
@@ -138,11 +180,14 @@ impl PartitionTable {
         let mut i = self.home(order_hash(digest));
         for dist in 0..cap {
             let slot = &self.slots[i];
-            if is_empty(slot) || self.distance(i, slot) < dist {
+            if is_empty(slot) {
                 return None;
             }
             if slot_matches(slot, digest) {
                 return Some(i);
+            }
+            if self.distance(i, slot) < dist {
+                return None;
             }
             i = if i + 1 == cap { 0 } else { i + 1 };
         }
@@ -255,6 +300,31 @@ mod tests {
         let pivot = expected[expected.len() / 2];
         let after: Vec<Digest> = table.sorted_after(Some(&pivot)).iter().map(|e| e.digest).collect();
         assert_eq!(after, expected[expected.len() / 2 + 1..].to_vec());
+    }
+
+    #[test]
+    fn hinted_inserts_match_plain_ones() {
+        let pid = PartitionId::new(9).unwrap();
+        let mut table = PartitionTable::new(pid);
+        let keys = digests_in(9, 3000);
+        for (i, d) in keys.iter().enumerate() {
+            let (found, hint) = table.lookup(d);
+            assert!(found.is_none());
+            assert!(table.insert_hinted(entry(*d, 1 + i as u16), hint).is_none());
+        }
+        for (i, d) in keys.iter().enumerate() {
+            let (found, hint) = table.lookup(d);
+            assert_eq!(found.map(|e| e.generation), Some(1 + i as u16));
+            assert_eq!(table.insert_hinted(entry(*d, 7), hint).map(|e| e.generation), Some(1 + i as u16));
+        }
+        // A stale hint (the table grew meanwhile) still lands correctly.
+        let (_, stale) = table.lookup(&keys[0]);
+        for d in digests_in(9, 6000).iter().skip(3000) {
+            table.insert(entry(*d, 2));
+        }
+        assert_eq!(table.insert_hinted(entry(keys[0], 8), stale).map(|e| e.generation), Some(7));
+        assert_eq!(table.len(), 6000);
+        assert!(keys.iter().all(|d| table.get(d).is_some()));
     }
 
     #[test]

@@ -63,11 +63,6 @@ impl AlignedBuf {
         false
     }
 
-    /// Sets every byte to zero.
-    pub fn fill_zero(&mut self) {
-        self.as_mut_slice().fill(0);
-    }
-
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for len bytes and initialised (zeroed at allocation).

@@ -56,11 +56,19 @@ pub struct IoOptions {
     pub ring_entries: u32,
     /// Threads serving reads in the blocking backend (its effective queue depth).
     pub blocking_read_threads: usize,
+    /// CPUs for the device I/O threads (device i uses `io_thread_cpus[i % len]`); empty = not
+    /// pinned.
+    pub io_thread_cpus: Vec<usize>,
 }
 
 impl Default for IoOptions {
     fn default() -> Self {
-        IoOptions { backend: IoBackendChoice::Auto, ring_entries: 256, blocking_read_threads: 16 }
+        IoOptions {
+            backend: IoBackendChoice::Auto,
+            ring_entries: 256,
+            blocking_read_threads: 16,
+            io_thread_cpus: Vec::new(),
+        }
     }
 }
 
@@ -97,7 +105,13 @@ pub trait DeviceIo: Send + Sync + std::fmt::Debug {
 
 /// Opens the I/O backend for an already opened (O_DIRECT) device file whose direct-I/O granule
 /// is `granule` bytes (512 to 4096).
-pub fn open_backend(file: File, options: &IoOptions, label: &str, granule: usize) -> io::Result<Arc<dyn DeviceIo>> {
+pub fn open_backend(
+    file: File,
+    options: &IoOptions,
+    label: &str,
+    granule: usize,
+    cpu: Option<usize>,
+) -> io::Result<Arc<dyn DeviceIo>> {
     assert!(granule.is_power_of_two() && (512..=IO_ALIGN_BYTES).contains(&granule), "granule {granule}");
     let file = Arc::new(file);
     let blocking = |file| -> io::Result<Arc<dyn DeviceIo>> {
@@ -108,8 +122,8 @@ pub fn open_backend(file: File, options: &IoOptions, label: &str, granule: usize
             tracing::info!(device = label, "blocking pread/pwrite I/O forced by configuration");
             blocking(file)
         }
-        IoBackendChoice::Uring => Ok(Arc::new(uring::UringIo::new(file, options.ring_entries, label, granule)?)),
-        IoBackendChoice::Auto => match uring::UringIo::new(file.clone(), options.ring_entries, label, granule) {
+        IoBackendChoice::Uring => Ok(Arc::new(uring::UringIo::new(file, options.ring_entries, label, granule, cpu)?)),
+        IoBackendChoice::Auto => match uring::UringIo::new(file.clone(), options.ring_entries, label, granule, cpu) {
             Ok(io) => Ok(Arc::new(io)),
             Err(e) if uring::is_denied(&e) => {
                 tracing::warn!(
@@ -175,7 +189,7 @@ mod tests {
             let path = dir.path().join("dev");
             let file = open_direct(&path);
             file.set_len(1 << 20).unwrap();
-            let io = open_backend(file, &IoOptions { backend, ..IoOptions::default() }, "test", 512).unwrap();
+            let io = open_backend(file, &IoOptions { backend, ..IoOptions::default() }, "test", 512, None).unwrap();
             let mut data = AlignedBuf::zeroed(64 * 1024);
             for (i, b) in data.as_mut_slice().iter_mut().enumerate() {
                 *b = (i % 251) as u8;
@@ -203,7 +217,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let file = open_direct(&dir.path().join("dev"));
             file.set_len(1 << 20).unwrap();
-            let io = open_backend(file, &IoOptions { backend, ..IoOptions::default() }, "test", 512).unwrap();
+            let io = open_backend(file, &IoOptions { backend, ..IoOptions::default() }, "test", 512, None).unwrap();
             // With a 512-byte granule a 512-byte read at offset 512 is fine.
             assert!(wait_io(io.read(512, AlignedBuf::zeroed(4096), 512)).is_ok());
             let r = wait_io(io.read(100, AlignedBuf::zeroed(4096), 4096));

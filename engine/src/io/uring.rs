@@ -98,7 +98,13 @@ fn check_opcodes(ring: &IoUring) -> io::Result<()> {
 impl UringIo {
     /// Starts the device's I/O thread and its ring. Fails (with the kernel's error) when
     /// io_uring cannot be set up.
-    pub fn new(file: Arc<File>, ring_entries: u32, label: &str, granule: usize) -> io::Result<UringIo> {
+    pub fn new(
+        file: Arc<File>,
+        ring_entries: u32,
+        label: &str,
+        granule: usize,
+        cpu: Option<usize>,
+    ) -> io::Result<UringIo> {
         // SAFETY: plain syscall; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -117,6 +123,11 @@ impl UringIo {
         let thread_shared = shared.clone();
         let entries = ring_entries.max(8);
         let thread = std::thread::Builder::new().name(format!("io-uring {label}")).spawn(move || {
+            if let Some(cpu) = cpu
+                && let Err(e) = crate::affinity::pin_current_thread(&[cpu])
+            {
+                tracing::warn!(cpu, error = %e, "could not pin the I/O thread");
+            }
             let ring = build_ring(entries).and_then(|ring| check_opcodes(&ring).map(|()| ring));
             match ring {
                 Ok(ring) => {
