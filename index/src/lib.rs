@@ -8,6 +8,7 @@
 
 mod digest;
 mod entry;
+mod slots;
 mod table;
 
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};

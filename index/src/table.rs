@@ -7,9 +7,8 @@
 //! shifting (no tombstone slots).
 
 use crate::digest::{Digest, PartitionId};
-use crate::entry::{
-    EMPTY, Entry, PACKED_ENTRY_LEN, Packed, is_empty, order_hash, pack, slot_matches, slot_order_hash, unpack,
-};
+use crate::entry::{EMPTY, Entry, Packed, is_empty, order_hash, pack, slot_matches, slot_order_hash, unpack};
+use crate::slots::SlotArray;
 
 /// The table grows when an insert would push the load above this fraction (percent).
 pub const LOAD_PERCENT_MAX: usize = 90;
@@ -32,14 +31,14 @@ pub struct SlotHint {
 #[derive(Debug)]
 pub struct PartitionTable {
     pid: PartitionId,
-    slots: Vec<Packed>,
+    slots: SlotArray,
     len: usize,
 }
 
 impl PartitionTable {
     /// An empty table for partition `pid` (allocates nothing).
     pub fn new(pid: PartitionId) -> PartitionTable {
-        PartitionTable { pid, slots: Vec::new(), len: 0 }
+        PartitionTable { pid, slots: SlotArray::new(0), len: 0 }
     }
 
     /// The partition this table holds.
@@ -64,7 +63,7 @@ impl PartitionTable {
 
     /// Heap bytes used by the slots.
     pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * PACKED_ENTRY_LEN
+        self.slots.bytes()
     }
 
     /// The entry for `digest`, if present.
@@ -141,7 +140,7 @@ impl PartitionTable {
         }
         self.len -= 1;
         if self.len == 0 {
-            self.slots = Vec::new();
+            self.slots = SlotArray::new(0);
         } else if cap > CAPACITY_MIN && self.len * 100 < cap * LOAD_PERCENT_MIN {
             self.resize(grown_capacity(self.len));
         }
@@ -221,7 +220,7 @@ impl PartitionTable {
 
     fn resize(&mut self, capacity: usize) {
         assert!(capacity >= self.len);
-        let old = std::mem::replace(&mut self.slots, vec![EMPTY; capacity]);
+        let old = std::mem::replace(&mut self.slots, SlotArray::new(capacity));
         for slot in old.iter().filter(|s| !is_empty(s)) {
             self.insert_new(*slot);
         }
