@@ -41,7 +41,7 @@ fn mutated_seed_frames_never_panic() {
                 state ^= state >> 7;
                 state ^= state << 17;
                 let i = (state as usize) % m.len();
-                m[i] ^= 1 << (state >> 40) % 8;
+                m[i] ^= 1 << ((state >> 40) % 8);
             }
             fuzz::decode_everything(&m);
         }
