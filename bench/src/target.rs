@@ -1,10 +1,7 @@
 //! Where operations go: the engine in this process, or (with `--hosts`) a server or cluster.
 //! Errors are sorted into the kinds the report counts.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
+use peregrine_engine::completion::join_all;
 use peregrine_engine::{Bin, BinSelection, Digest, Engine, EngineStats, Error, KeyRef, RecordExists, Ttl, WritePolicy};
 
 /// Kinds of failed operations, as reported.
@@ -117,12 +114,7 @@ impl Target {
 
     /// Reads several keys.
     pub async fn read_batch(&self, keys: &[u64]) -> Result<Vec<Option<Vec<Bin>>>, ErrorKind> {
-        let reads: Vec<Pin<Box<dyn Future<Output = _> + Send + '_>>> =
-            keys.iter().map(|k| Box::pin(self.read(*k)) as Pin<Box<dyn Future<Output = _> + Send>>).collect();
-        JoinAll { pending: reads.into_iter().map(Some).collect(), done: keys.iter().map(|_| None).collect() }
-            .await
-            .into_iter()
-            .collect()
+        join_all(keys.iter().map(|k| self.read(*k)).collect()).await.into_iter().collect()
     }
 
     /// Writes one key (update merges, replace replaces).
@@ -164,32 +156,3 @@ impl Target {
         }
     }
 }
-
-/// Polls a set of futures to completion, keeping their results in order.
-struct JoinAll<'a, T> {
-    pending: Vec<Option<Pin<Box<dyn Future<Output = T> + Send + 'a>>>>,
-    done: Vec<Option<T>>,
-}
-
-impl<T> Future for JoinAll<'_, T> {
-    type Output = Vec<T>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<T>> {
-        let this = self.get_mut();
-        let mut all_done = true;
-        for (slot, out) in this.pending.iter_mut().zip(this.done.iter_mut()) {
-            if let Some(f) = slot {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(v) => {
-                        *out = Some(v);
-                        *slot = None;
-                    }
-                    Poll::Pending => all_done = false,
-                }
-            }
-        }
-        if all_done { Poll::Ready(this.done.iter_mut().filter_map(Option::take).collect()) } else { Poll::Pending }
-    }
-}
-
-impl<T> Unpin for JoinAll<'_, T> {}

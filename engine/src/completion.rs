@@ -164,6 +164,29 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
     })
 }
 
+/// Polls futures concurrently on the current task and returns their outputs in order (no
+/// spawning, so the futures may borrow).
+pub async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut pending: Vec<Option<Pin<Box<F>>>> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
+    let mut done: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(move |cx| {
+        let mut all_done = true;
+        for (slot, out) in pending.iter_mut().zip(done.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => {
+                        *out = Some(v);
+                        *slot = None;
+                    }
+                    Poll::Pending => all_done = false,
+                }
+            }
+        }
+        if all_done { Poll::Ready(done.iter_mut().filter_map(Option::take).collect()) } else { Poll::Pending }
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +207,20 @@ mod tests {
             tx.complete("done");
         });
         assert_eq!(block_on(rx), Ok("done"));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn join_all_keeps_order() {
+        let (tx1, rx1) = completion();
+        let (tx2, rx2) = completion();
+        let t = std::thread::spawn(move || {
+            tx2.complete(2);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            tx1.complete(1);
+        });
+        let got = block_on(join_all(vec![rx1, rx2]));
+        assert_eq!(got, vec![Ok(1), Ok(2)]);
         t.join().unwrap();
     }
 

@@ -206,7 +206,12 @@ pub struct Record {
 impl Record {
     /// The bin called `name`, if any.
     pub fn bin(&self, name: &str) -> Option<&Value> {
-        self.bins.iter().find(|b| b.name.as_bytes() == name.as_bytes()).map(|b| &b.value)
+        self.bin_named(name.as_bytes())
+    }
+
+    /// The bin whose name is these bytes, if any.
+    pub fn bin_named(&self, name: &[u8]) -> Option<&Value> {
+        self.bins.iter().find(|b| b.name.as_bytes() == name).map(|b| &b.value)
     }
 }
 

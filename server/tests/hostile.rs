@@ -1,0 +1,213 @@
+//! Hostile and careless clients against a real `peregrine` process: the server refuses or
+//! closes cleanly, never crashes, keeps its memory bounded, and keeps serving a normal client.
+
+#![allow(clippy::unwrap_used, reason = "test code: a panic is a test failure")]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{Server, info};
+use peregrine_index::{Digest, KeyRef};
+use peregrine_proto::consts::{field, info1, info2, msg_type, op, particle};
+use peregrine_proto::encode::{begin_frame, end_frame, put_field, put_msg_header, put_op};
+use peregrine_proto::{MsgHeader, ProtoHeader, decode_message};
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Whether the server closed the connection (read returns EOF or a reset) within 10 s.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn request(info1_bits: u8, info2_bits: u8, key: i64, ops: &[(u8, u8, &[u8], &[u8])]) -> Vec<u8> {
+    let digest = Digest::of_key(b"s", KeyRef::Int(key));
+    let mut buf = Vec::new();
+    let start = begin_frame(&mut buf, msg_type::MESSAGE);
+    put_msg_header(
+        &mut buf,
+        &MsgHeader {
+            info1: info1_bits,
+            info2: info2_bits,
+            n_fields: 3,
+            n_ops: ops.len() as u16,
+            ..MsgHeader::default()
+        },
+    );
+    put_field(&mut buf, field::NAMESPACE, b"test");
+    put_field(&mut buf, field::SET, b"s");
+    put_field(&mut buf, field::DIGEST, &digest.0);
+    for (t, p, n, v) in ops {
+        put_op(&mut buf, *t, *p, n, v);
+    }
+    end_frame(&mut buf, start);
+    buf
+}
+
+/// Sends a frame and returns (result code, ops) of the reply.
+/// (bin name, value bytes) of a reply op.
+type ReplyOp = (Vec<u8>, Vec<u8>);
+
+fn roundtrip(s: &mut TcpStream, frame: &[u8]) -> (u8, Vec<ReplyOp>) {
+    s.write_all(frame).unwrap();
+    let mut h = [0u8; 8];
+    s.read_exact(&mut h).unwrap();
+    let size = (u64::from_be_bytes(h) & 0xFFFF_FFFF_FFFF) as usize;
+    let mut body = vec![0u8; size];
+    s.read_exact(&mut body).unwrap();
+    let (m, _) = decode_message(&body).unwrap();
+    (m.header.result_code, m.ops.iter().map(|o| (o.name.to_vec(), o.value.to_vec())).collect())
+}
+
+/// A normal client: write then read a record with raw frames.
+fn normal_client_works(addr: SocketAddr, key: i64) {
+    let mut s = connect(addr);
+    let value = key.to_be_bytes();
+    let (rc, _) = roundtrip(&mut s, &request(0, info2::WRITE, key, &[(op::WRITE, particle::INTEGER, b"v", &value)]));
+    assert_eq!(rc, 0);
+    let (rc, ops) = roundtrip(&mut s, &request(info1::READ | info1::GET_ALL, 0, key, &[]));
+    assert_eq!(rc, 0);
+    assert_eq!(ops, vec![(b"v".to_vec(), value.to_vec())]);
+}
+
+#[test]
+fn bad_frames_close_the_connection_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "");
+    let addr = server.addr;
+    // A header claiming 1 GiB: refused from the header, before allocating.
+    let mut s = connect(addr);
+    s.write_all(&ProtoHeader::encode(msg_type::MESSAGE, 1 << 30)).unwrap();
+    assert!(closed_by_server(&mut s));
+    // A bad version.
+    let mut s = connect(addr);
+    s.write_all(&[9, 3, 0, 0, 0, 0, 0, 10]).unwrap();
+    assert!(closed_by_server(&mut s));
+    // TLS ClientHello on the plain port.
+    let mut s = connect(addr);
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]).unwrap();
+    assert!(closed_by_server(&mut s));
+    // Garbage.
+    let mut s = connect(addr);
+    s.write_all(&(0..200u32).map(|i| (i * 37 + 11) as u8).collect::<Vec<_>>()).unwrap();
+    assert!(closed_by_server(&mut s));
+    // Truncated: a header for 100 bytes, 10 sent, then the client goes away.
+    let mut s = connect(addr);
+    s.write_all(&ProtoHeader::encode(msg_type::MESSAGE, 100)).unwrap();
+    s.write_all(&[0; 10]).unwrap();
+    drop(s);
+    // An admin (security) frame.
+    let mut s = connect(addr);
+    s.write_all(&ProtoHeader::encode(msg_type::ADMIN, 4)).unwrap();
+    s.write_all(&[0; 4]).unwrap();
+    assert!(closed_by_server(&mut s));
+    // A malformed message inside a well-framed request: error 4, and the connection stays usable.
+    let mut s = connect(addr);
+    let mut bad = ProtoHeader::encode(msg_type::MESSAGE, 30).to_vec();
+    bad.extend_from_slice(&[
+        22, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8,
+    ]);
+    let (rc, _) = roundtrip(&mut s, &bad);
+    assert_eq!(rc, 4);
+    let value = 1i64.to_be_bytes();
+    let (rc, _) = roundtrip(&mut s, &request(0, info2::WRITE, 1, &[(op::WRITE, particle::INTEGER, b"v", &value)]));
+    assert_eq!(rc, 0);
+    // Counts that run past the end inside a frame, and a 19-byte digest: error 4 too.
+    let mut frame = request(info1::READ, 0, 2, &[]);
+    frame[8 + 18..8 + 20].copy_from_slice(&[0xFF, 0xFF]);
+    assert_eq!(roundtrip(&mut s, &frame).0, 4);
+    normal_client_works(addr, 3);
+    assert!(info(addr, "node").starts_with("node\t"));
+    let log = server.log_text();
+    assert!(log.contains("TLS"), "the TLS case is not named in the log:\n{log}");
+    let metrics = http_get(&server.metrics_addr(), "/metrics");
+    assert!(metrics.contains("peregrine_bad_frames_total 5"), "{metrics}");
+    assert!(metrics.contains("peregrine_requests_total{kind=\"write\",result=\"0\"}"), "{metrics}");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn a_thousand_idle_connections_do_not_block_a_normal_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "");
+    let idle: Vec<TcpStream> = (0..1000).map(|_| connect(server.addr)).collect();
+    let started = Instant::now();
+    for k in 0..100 {
+        normal_client_works(server.addr, k);
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "normal client slowed down: {:?}", started.elapsed());
+    assert!(info(server.addr, "statistics").contains("client_connections=100"));
+    drop(idle);
+    assert!(server.stop().success());
+}
+
+#[test]
+fn half_sent_large_frames_keep_memory_bounded_and_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "frame_timeout_ms = 2000\n");
+    let before = server.rss_bytes();
+    // 200 clients each promise a 16 MiB frame (the maximum) and send 64 KiB of it.
+    let mut slow: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = connect(server.addr);
+            s.write_all(&ProtoHeader::encode(msg_type::MESSAGE, 16 << 20)).unwrap();
+            s.write_all(&vec![0u8; 64 * 1024]).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = server.rss_bytes().saturating_sub(before);
+    assert!(grown < 100 << 20, "200 half-sent frames grew the server by {} MiB", grown >> 20);
+    normal_client_works(server.addr, 7);
+    // The frame deadline closes them.
+    for s in slow.iter_mut().take(5) {
+        assert!(closed_by_server(s));
+    }
+    let metrics = http_get(&server.metrics_addr(), "/metrics");
+    assert!(!metrics.contains("peregrine_timeouts_total 0"), "{metrics}");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn connection_limit_and_idle_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "max_connections = 20\nidle_timeout_ms = 1000\n");
+    let held: Vec<TcpStream> = (0..20).map(|_| connect(server.addr)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = connect(server.addr);
+    assert!(closed_by_server(&mut extra), "the 21st connection was kept");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut idle = connect(server.addr);
+    let started = Instant::now();
+    assert!(closed_by_server(&mut idle));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(800) && waited < Duration::from_secs(5), "idle close after {waited:?}");
+    normal_client_works(server.addr, 9);
+    let metrics = http_get(&server.metrics_addr(), "/metrics");
+    assert!(metrics.contains("peregrine_connections_refused_total 1"), "{metrics}");
+    assert!(server.stop().success());
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
