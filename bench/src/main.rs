@@ -69,10 +69,32 @@ fn runtime(workers: WorkerPlacement, pin: bool) -> Result<tokio::runtime::Runtim
     b.build().map_err(|e| format!("starting tokio: {e}"))
 }
 
+fn seeds(hosts: &str) -> Result<Vec<std::net::SocketAddr>, String> {
+    use std::net::ToSocketAddrs;
+    let mut out = Vec::new();
+    for h in hosts.split(',').filter(|h| !h.is_empty()) {
+        let addrs = h.to_socket_addrs().map_err(|e| format!("--hosts {h}: {e}"))?;
+        out.extend(addrs);
+    }
+    if out.is_empty() {
+        return Err("--hosts lists no address".into());
+    }
+    Ok(out)
+}
+
 fn run_workload(args: &RunArgs) -> Result<ExitCode, String> {
     args.validate()?;
-    let target = Arc::new(open_embedded(args, false)?);
-    let rt = runtime(args.workers, !args.no_pin)?;
+    let rt = runtime(if args.hosts.is_some() { WorkerPlacement::Float } else { args.workers }, !args.no_pin)?;
+    let target = Arc::new(match &args.hosts {
+        Some(hosts) => rt.block_on(Target::remote(
+            &seeds(hosts)?,
+            &args.namespace,
+            &args.set,
+            args.ttl,
+            std::time::Duration::from_millis(args.timeout_ms),
+        ))?,
+        None => open_embedded(args, false)?,
+    });
     let before = target.engine_stats();
     let outcome = rt.block_on(run::run(args, target.clone()));
     target.flush()?;

@@ -2,7 +2,10 @@
 //! Errors are sorted into the kinds the report counts.
 
 use peregrine_engine::completion::join_all;
-use peregrine_engine::{Bin, BinSelection, Digest, Engine, EngineStats, Error, KeyRef, RecordExists, Ttl, WritePolicy};
+use peregrine_engine::{
+    Bin, BinName, BinSelection, Digest, Engine, EngineStats, Error, KeyRef, RecordExists, Ttl, Value, WritePolicy,
+};
+use peregrine_proto::client::{Client, ClientError, WireBin, WriteMode};
 
 /// Kinds of failed operations, as reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,6 +64,22 @@ impl ErrorKind {
         Self::ALL.iter().position(|k| *k == self).unwrap_or(Self::ALL.len() - 1)
     }
 
+    fn of_client(e: &ClientError) -> ErrorKind {
+        match e {
+            ClientError::Result(code) => match *code {
+                2 => ErrorKind::NotFound,
+                3 => ErrorKind::Generation,
+                8 => ErrorKind::DeviceFull,
+                9 => ErrorKind::Timeout,
+                14 | 18 => ErrorKind::Overload,
+                _ => ErrorKind::Other,
+            },
+            ClientError::Timeout => ErrorKind::Timeout,
+            ClientError::Io(_) => ErrorKind::Io,
+            ClientError::Protocol(_) => ErrorKind::Other,
+        }
+    }
+
     fn of_engine(e: &Error) -> ErrorKind {
         match e {
             Error::NotFound => ErrorKind::NotFound,
@@ -82,11 +101,22 @@ pub struct Embedded {
     ttl: Ttl,
 }
 
+/// A server or cluster over the wire protocol.
+#[derive(Debug)]
+pub struct Remote {
+    client: Client,
+    namespace: String,
+    set: String,
+    ttl: Option<u32>,
+}
+
 /// A target for operations.
 #[derive(Debug)]
 pub enum Target {
     /// The engine in this process.
     Embedded(Embedded),
+    /// A server or cluster.
+    Remote(Remote),
 }
 
 /// The digest of integer key `k` in `set`.
@@ -101,9 +131,28 @@ impl Target {
         Target::Embedded(Embedded { engine, set: set.as_bytes().to_vec(), ttl })
     }
 
+    /// A remote target reached through `seeds`.
+    pub async fn remote(
+        seeds: &[std::net::SocketAddr],
+        namespace: &str,
+        set: &str,
+        ttl: Option<u32>,
+        timeout: std::time::Duration,
+    ) -> Result<Target, String> {
+        let client = Client::connect(seeds, timeout).await.map_err(|e| format!("connecting to {seeds:?}: {e}"))?;
+        Ok(Target::Remote(Remote { client, namespace: namespace.into(), set: set.into(), ttl }))
+    }
+
     /// Reads one key: `Ok(None)` when it does not exist.
     pub async fn read(&self, key: u64) -> Result<Option<Vec<Bin>>, ErrorKind> {
         match self {
+            Target::Remote(t) => {
+                let digest = digest_of(t.set.as_bytes(), key).0;
+                match t.client.get(&t.namespace, &t.set, &digest).await {
+                    Ok(row) => Ok(row.map(|bins| from_wire(&bins))),
+                    Err(e) => Err(ErrorKind::of_client(&e)),
+                }
+            }
             Target::Embedded(t) => match t.engine.get_async(&digest_of(&t.set, key), &BinSelection::All).await {
                 Ok(r) => Ok(Some(r.bins)),
                 Err(Error::NotFound) => Ok(None),
@@ -112,14 +161,31 @@ impl Target {
         }
     }
 
-    /// Reads several keys.
+    /// Reads several keys (one batch request per node when remote).
     pub async fn read_batch(&self, keys: &[u64]) -> Result<Vec<Option<Vec<Bin>>>, ErrorKind> {
-        join_all(keys.iter().map(|k| self.read(*k)).collect()).await.into_iter().collect()
+        match self {
+            Target::Remote(t) => {
+                let digests: Vec<[u8; 20]> = keys.iter().map(|k| digest_of(t.set.as_bytes(), *k).0).collect();
+                match t.client.batch_get(&t.namespace, &t.set, &digests).await {
+                    Ok(rows) => Ok(rows.into_iter().map(|r| r.map(|bins| from_wire(&bins))).collect()),
+                    Err(e) => Err(ErrorKind::of_client(&e)),
+                }
+            }
+            Target::Embedded(_) => join_all(keys.iter().map(|k| self.read(*k)).collect()).await.into_iter().collect(),
+        }
     }
 
     /// Writes one key (update merges, replace replaces).
     pub async fn write(&self, key: u64, bins: Vec<Bin>, replace: bool) -> Result<(), ErrorKind> {
         match self {
+            Target::Remote(t) => {
+                let digest = digest_of(t.set.as_bytes(), key).0;
+                let mode = if replace { WriteMode::Replace } else { WriteMode::Update };
+                t.client
+                    .put(&t.namespace, &t.set, &digest, &to_wire(&bins), mode, t.ttl)
+                    .await
+                    .map_err(|e| ErrorKind::of_client(&e))
+            }
             Target::Embedded(t) => {
                 let policy = WritePolicy {
                     exists: if replace { RecordExists::Replace } else { RecordExists::Update },
@@ -139,6 +205,7 @@ impl Target {
     pub fn engine_stats(&self) -> Option<EngineStats> {
         match self {
             Target::Embedded(t) => Some(t.engine.stats()),
+            Target::Remote(_) => None,
         }
     }
 
@@ -146,6 +213,7 @@ impl Target {
     pub fn flush(&self) -> Result<(), String> {
         match self {
             Target::Embedded(t) => t.engine.flush().map_err(|e| e.to_string()),
+            Target::Remote(_) => Ok(()),
         }
     }
 
@@ -153,6 +221,35 @@ impl Target {
     pub fn close(&self) -> Result<(), String> {
         match self {
             Target::Embedded(t) => t.engine.close().map_err(|e| e.to_string()),
+            Target::Remote(_) => Ok(()),
         }
     }
+}
+
+/// Bench values are blobs; other particle types come back as opaque values.
+fn from_wire(bins: &[WireBin]) -> Vec<Bin> {
+    bins.iter()
+        .filter_map(|(name, pt, value)| {
+            let value = match *pt {
+                4 => Value::Blob(value.clone()),
+                3 => Value::String(value.clone()),
+                other => Value::Other { particle_type: other, bytes: value.clone() },
+            };
+            Some(Bin { name: BinName::new(name).ok()?, value })
+        })
+        .collect()
+}
+
+fn to_wire(bins: &[Bin]) -> Vec<WireBin> {
+    bins.iter()
+        .map(|b| {
+            let (pt, bytes) = match &b.value {
+                Value::Blob(v) => (4, v.clone()),
+                Value::String(v) => (3, v.clone()),
+                Value::Int(v) => (1, v.to_be_bytes().to_vec()),
+                other => (other.particle_type(), Vec::new()),
+            };
+            (b.name.as_bytes().to_vec(), pt, bytes)
+        })
+        .collect()
 }

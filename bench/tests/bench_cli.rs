@@ -161,3 +161,37 @@ fn histogram_log_and_plot_are_written() {
     assert!(picture.starts_with("<svg") && picture.trim_end().ends_with("</svg>"));
     assert!(picture.contains("<polyline"));
 }
+
+/// The bench against a real node on loopback (started in this process, real sockets).
+#[test]
+fn hosts_mode_against_a_server_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = peregrine_server::config::Config::parse(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[[namespace]]\nname = \"test\"\nwrite_block_bytes = 1048576\n\
+         [[namespace.devices]]\npath = \"t.dat\"\nsize_bytes = 67108864\n",
+        dir.path().display()
+    ))
+    .unwrap();
+    let mut config = config;
+    config.server.metrics_listen = None;
+    let node = peregrine_server::start_in_background(config).unwrap();
+    let hosts = node.addr.to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--hosts", hosts.as_str(), "--quiet", "--json", "--keys", "2000"];
+        args.extend_from_slice(extra);
+        bench(&args)
+    };
+    let out = run(&["--workload", "I"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = summary(&out);
+    assert_eq!(s["ops"], 2000);
+    assert_eq!(s["errors"], 0, "{s}");
+    assert_eq!(s["target"], "hosts");
+    let out = run(&["--workload", "RU,50", "--ops", "3000", "--verify", "--batch-size", "4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = summary(&out);
+    assert_eq!(s["errors"], 0, "{s}");
+    assert_eq!(s["errors_by_kind"]["not_found"], 0, "{s}");
+    assert!(s["reads_per_sec"].as_f64().unwrap() > 0.0);
+    node.stop().unwrap();
+}

@@ -6,6 +6,8 @@
 //! nothing of the engine; values stay (particle type, bytes) here.
 
 pub mod batch;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod compress;
 pub mod consts;
 pub mod decode;

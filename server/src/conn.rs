@@ -22,6 +22,8 @@ use crate::node::Node;
 use crate::record::{RecordCommand, RecordReply, execute, is_delete, is_write};
 use crate::scan::execute_scan;
 
+/// Read buffer per connection.
+const READ_BUFFER_BYTES: usize = 16 * 1024;
 /// The body is read (and the byte budget taken) in pieces of this size.
 const BODY_READ_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -58,6 +60,8 @@ pub async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
+    // Buffered, so one read system call usually brings in a whole request.
+    let rd = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let end = serve_frames(&node, rd, FrameWriter::new(wr), &budget, shutdown).await;
     let m = &node.metrics;
     match end {
