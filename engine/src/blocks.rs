@@ -1,15 +1,16 @@
 //! Per-device write block accounting: each block's state, sequence number and live bytes, the
-//! free list, and blocks waiting to be freed.
+//! free list, blocks waiting to be freed, the device's block sequence counter, and how far
+//! each write stream (client writes, defrag moves) is durable.
 //!
 //! Invariant: a block is freed only when it holds no live record *and* every write that made
-//! its records dead (overwrites, deletes, defrag moves) is durable. Until then a crash could
-//! leave the older copy as the only one, so its bytes must stay on the device.
+//! its records dead (overwrites, deletes, defrag moves) is durable in its stream. Until then a
+//! crash could leave the older copy as the only one, so its bytes must stay on the device.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-/// A position in a device's write order: block sequence in the high 32 bits, byte offset within
-/// the block in the low 32. Later writes have larger positions.
+/// A position in one stream's write order: block sequence in the high 32 bits, byte offset
+/// within the block in the low 32. Later writes of a stream have larger positions.
 pub type WritePos = u64;
 
 /// Builds a [`WritePos`].
@@ -18,13 +19,35 @@ pub fn write_pos(sequence: u64, offset_in_block: u32) -> WritePos {
     (sequence << 32) | u64::from(offset_in_block)
 }
 
+/// The write streams of a device, each with its own open block and flusher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Client (and replicated) writes.
+    Client = 0,
+    /// Live records moved out of blocks being defragmented.
+    Defrag = 1,
+}
+
+const STREAMS: usize = 2;
+
+/// What an allocation is for, in order of priority when space runs out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Ordinary writes: refused once free blocks fall to the stop-writes level.
+    Write,
+    /// Tombstones: allowed below stop-writes (deletes free space), not into the defrag reserve.
+    Delete,
+    /// Defrag moves: may use every free block.
+    Defrag,
+}
+
 /// Lifecycle of a write block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum BlockState {
     /// On the free list.
     Free = 0,
-    /// Being filled by the writer.
+    /// Being filled by a writer.
     Open = 1,
     /// Full, waiting for (or undergoing) its device write.
     Sealed = 2,
@@ -32,6 +55,8 @@ pub enum BlockState {
     Used = 3,
     /// Holds no live record; freed once the writes that emptied it are durable.
     PendingFree = 4,
+    /// Its live records are being moved out.
+    Defrag = 5,
 }
 
 impl BlockState {
@@ -41,6 +66,7 @@ impl BlockState {
             2 => BlockState::Sealed,
             3 => BlockState::Used,
             4 => BlockState::PendingFree,
+            5 => BlockState::Defrag,
             _ => BlockState::Free,
         }
     }
@@ -51,14 +77,14 @@ struct Slot {
     state: AtomicU8,
     sequence: AtomicU64,
     live_bytes: AtomicU64,
-    /// Largest write position that killed a record of this block.
-    killed_at: AtomicU64,
+    /// Per stream: the largest write position that killed a record of this block.
+    killed_at: [AtomicU64; STREAMS],
 }
 
 #[derive(Debug, Default)]
 struct FreeLists {
     free: Vec<u32>,
-    pending: Vec<(u32, WritePos)>,
+    pending: Vec<u32>,
 }
 
 /// Counts by state, for stats.
@@ -74,8 +100,21 @@ pub struct BlockCounts {
     pub used: u64,
     /// Empty blocks waiting for durability before they are freed.
     pub pending_free: u64,
+    /// Blocks being defragmented.
+    pub defrag: u64,
+    /// Used blocks below the defrag low-water mark (defrag candidates).
+    pub defrag_eligible: u64,
     /// Live bytes over all blocks.
     pub live_bytes: u64,
+}
+
+/// Free blocks kept back from each purpose.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reserves {
+    /// Ordinary writes need more free blocks than this (the stop-writes level).
+    pub stop_writes_blocks: u32,
+    /// Deletes need more free blocks than this (the defrag reserve).
+    pub defrag_reserve_blocks: u32,
 }
 
 /// The block table of one device.
@@ -83,14 +122,30 @@ pub struct BlockCounts {
 pub struct BlockTable {
     slots: Box<[Slot]>,
     lists: Mutex<FreeLists>,
+    next_sequence: AtomicU64,
+    durable: [AtomicU64; STREAMS],
+    reserves: Reserves,
+    block_bytes: u32,
+    defrag_lwm_bytes: u64,
 }
 
 impl BlockTable {
-    /// A table of `count` blocks, all free.
-    pub fn new(count: u32) -> BlockTable {
+    /// A table of `count` blocks, all free; the next block opened gets `next_sequence`.
+    pub fn new(
+        count: u32,
+        block_bytes: u32,
+        next_sequence: u64,
+        reserves: Reserves,
+        defrag_lwm_pct: u32,
+    ) -> BlockTable {
         BlockTable {
             slots: (0..count).map(|_| Slot::default()).collect(),
             lists: Mutex::new(FreeLists { free: (0..count).rev().collect(), pending: Vec::new() }),
+            next_sequence: AtomicU64::new(next_sequence.max(1)),
+            durable: std::array::from_fn(|_| AtomicU64::new(0)),
+            reserves,
+            block_bytes,
+            defrag_lwm_bytes: u64::from(block_bytes) * u64::from(defrag_lwm_pct) / 100,
         }
     }
 
@@ -108,16 +163,49 @@ impl BlockTable {
         self.slots.is_empty()
     }
 
-    /// Takes a free block for writing with `sequence`; `None` when none is free.
-    pub fn allocate(&self, sequence: u64) -> Option<u32> {
-        let block = self.lists().free.pop()?;
+    /// Block size in bytes.
+    pub fn block_bytes(&self) -> u32 {
+        self.block_bytes
+    }
+
+    /// The stop-writes and defrag reserve levels.
+    pub fn reserves(&self) -> Reserves {
+        self.reserves
+    }
+
+    /// Takes a free block for `purpose` and gives it the next sequence number; `None` when
+    /// the free blocks left are reserved for higher-priority purposes.
+    pub fn allocate(&self, purpose: Purpose) -> Option<(u32, u64)> {
+        let mut lists = self.lists();
+        let keep = match purpose {
+            Purpose::Write => self.reserves.stop_writes_blocks,
+            Purpose::Delete => self.reserves.defrag_reserve_blocks,
+            Purpose::Defrag => 0,
+        };
+        if lists.free.len() as u32 <= keep {
+            return None;
+        }
+        let block = lists.free.pop()?;
+        let sequence = self.next_sequence.fetch_add(1, Ordering::SeqCst);
         let s = &self.slots[block as usize];
         debug_assert_eq!(self.state(block), BlockState::Free);
         s.sequence.store(sequence, Ordering::SeqCst);
         s.live_bytes.store(0, Ordering::SeqCst);
-        s.killed_at.store(0, Ordering::SeqCst);
+        for k in &s.killed_at {
+            k.store(0, Ordering::SeqCst);
+        }
         s.state.store(BlockState::Open as u8, Ordering::SeqCst);
-        Some(block)
+        Some((block, sequence))
+    }
+
+    /// Whether an allocation for `purpose` would succeed now.
+    pub fn can_allocate(&self, purpose: Purpose) -> bool {
+        let keep = match purpose {
+            Purpose::Write => self.reserves.stop_writes_blocks,
+            Purpose::Delete => self.reserves.defrag_reserve_blocks,
+            Purpose::Defrag => 0,
+        };
+        self.free_count() as u32 > keep
     }
 
     /// Number of free blocks.
@@ -145,10 +233,10 @@ impl BlockTable {
         self.slots[block as usize].live_bytes.fetch_add(bytes, Ordering::SeqCst);
     }
 
-    /// A record of `bytes` in the block died because of the write at `killer`.
-    pub fn remove_live(&self, block: u32, bytes: u64, killer: WritePos) {
+    /// A record of `bytes` in the block died because of the write at `killer` in `stream`.
+    pub fn remove_live(&self, block: u32, bytes: u64, stream: Stream, killer: WritePos) {
         let s = &self.slots[block as usize];
-        s.killed_at.fetch_max(killer, Ordering::SeqCst);
+        s.killed_at[stream as usize].fetch_max(killer, Ordering::SeqCst);
         let before = s.live_bytes.fetch_sub(bytes, Ordering::SeqCst);
         assert!(before >= bytes, "block {block} live bytes would go negative ({before} - {bytes})");
         if before == bytes {
@@ -172,38 +260,86 @@ impl BlockTable {
         let s = &self.slots[block as usize];
         if self.state(block) == BlockState::Used && s.live_bytes.load(Ordering::SeqCst) == 0 {
             s.state.store(BlockState::PendingFree as u8, Ordering::SeqCst);
-            lists.pending.push((block, s.killed_at.load(Ordering::SeqCst)));
+            lists.pending.push(block);
         }
     }
 
-    /// Frees pending blocks whose killing writes are durable up to `durable`. Returns how many.
-    pub fn release_pending(&self, durable: WritePos) -> usize {
+    /// Takes the emptiest used block below the defrag low-water mark, marking it Defrag.
+    pub fn take_defrag_candidate(&self) -> Option<u32> {
+        let _lists = self.lists();
+        let mut best: Option<(u64, u32)> = None;
+        for b in 0..self.len() {
+            if self.state(b) != BlockState::Used {
+                continue;
+            }
+            let live = self.live_bytes(b);
+            if live > 0 && live < self.defrag_lwm_bytes && best.is_none_or(|(l, _)| live < l) {
+                best = Some((live, b));
+            }
+        }
+        let (_, block) = best?;
+        self.slots[block as usize].state.store(BlockState::Defrag as u8, Ordering::SeqCst);
+        Some(block)
+    }
+
+    /// Defrag of the block ended: empty blocks wait for their killers to be durable, others
+    /// (a move was refused) go back to Used.
+    pub fn finish_defrag(&self, block: u32) {
+        // Under the lists lock, like retire_if_empty: a record dying concurrently either sees
+        // Defrag (and leaves the block to us) or Used (and retires it itself).
+        let mut lists = self.lists();
+        let s = &self.slots[block as usize];
+        if s.live_bytes.load(Ordering::SeqCst) == 0 {
+            s.state.store(BlockState::PendingFree as u8, Ordering::SeqCst);
+            lists.pending.push(block);
+        } else {
+            s.state.store(BlockState::Used as u8, Ordering::SeqCst);
+        }
+    }
+
+    /// Everything `stream` wrote up to `pos` is durable; frees blocks this makes safe.
+    pub fn set_durable(&self, stream: Stream, pos: WritePos) -> usize {
+        self.durable[stream as usize].fetch_max(pos, Ordering::SeqCst);
+        self.release_pending()
+    }
+
+    /// How far `stream` is durable.
+    pub fn durable(&self, stream: Stream) -> WritePos {
+        self.durable[stream as usize].load(Ordering::SeqCst)
+    }
+
+    fn release_pending(&self) -> usize {
+        let durable: [WritePos; STREAMS] = std::array::from_fn(|i| self.durable[i].load(Ordering::SeqCst));
         let mut lists = self.lists();
         let FreeLists { free, pending } = &mut *lists;
         let before = free.len();
-        pending.retain(|&(block, needed)| {
-            if needed <= durable {
-                self.slots[block as usize].state.store(BlockState::Free as u8, Ordering::SeqCst);
+        pending.retain(|&block| {
+            let s = &self.slots[block as usize];
+            let safe = (0..STREAMS).all(|i| s.killed_at[i].load(Ordering::SeqCst) <= durable[i]);
+            if safe {
+                s.state.store(BlockState::Free as u8, Ordering::SeqCst);
                 free.push(block);
-                false
-            } else {
-                true
             }
+            !safe
         });
         free.len() - before
     }
 
     /// Installs the state found by recovery: `used` blocks with their sequence and live bytes
-    /// (live bytes may be zero, then the block is free); every other block is free.
+    /// (live bytes may be zero, then the block is free); every other block is free. The next
+    /// block opened gets a sequence above all of them.
     pub fn restore(&self, used: &[(u32, u64)]) {
         let mut lists = self.lists();
         for s in self.slots.iter() {
             s.state.store(BlockState::Free as u8, Ordering::SeqCst);
-            s.killed_at.store(0, Ordering::SeqCst);
+            for k in &s.killed_at {
+                k.store(0, Ordering::SeqCst);
+            }
         }
         for &(block, sequence) in used {
             let s = &self.slots[block as usize];
             s.sequence.store(sequence, Ordering::SeqCst);
+            self.next_sequence.fetch_max(sequence + 1, Ordering::SeqCst);
             if s.live_bytes.load(Ordering::SeqCst) > 0 {
                 s.state.store(BlockState::Used as u8, Ordering::SeqCst);
             }
@@ -220,18 +356,30 @@ impl BlockTable {
         self.slots[block as usize].sequence.store(sequence, Ordering::SeqCst);
     }
 
+    /// The sequence the next opened block will get.
+    pub fn next_sequence(&self) -> u64 {
+        self.next_sequence.load(Ordering::SeqCst)
+    }
+
     /// Counts blocks by state.
     pub fn counts(&self) -> BlockCounts {
         let mut c = BlockCounts::default();
         for b in 0..self.len() {
+            let live = self.live_bytes(b);
             match self.state(b) {
                 BlockState::Free => c.free += 1,
                 BlockState::Open => c.open += 1,
                 BlockState::Sealed => c.sealed += 1,
-                BlockState::Used => c.used += 1,
+                BlockState::Used => {
+                    c.used += 1;
+                    if live < self.defrag_lwm_bytes {
+                        c.defrag_eligible += 1;
+                    }
+                }
                 BlockState::PendingFree => c.pending_free += 1,
+                BlockState::Defrag => c.defrag += 1,
             }
-            c.live_bytes += self.live_bytes(b);
+            c.live_bytes += live;
         }
         c
     }
@@ -241,45 +389,86 @@ impl BlockTable {
 mod tests {
     use super::*;
 
+    fn table(n: u32) -> BlockTable {
+        BlockTable::new(n, 1 << 20, 1, Reserves::default(), 50)
+    }
+
     #[test]
-    fn block_is_freed_only_after_its_killers_are_durable() {
-        let t = BlockTable::new(4);
-        let b = t.allocate(1).unwrap();
+    fn block_is_freed_only_after_its_killers_are_durable_in_every_stream() {
+        let t = table(4);
+        let (b, seq) = t.allocate(Purpose::Write).unwrap();
+        assert_eq!(seq, 1);
         t.add_live(b, 100);
         t.mark_sealed(b);
         t.mark_used(b);
-        assert_eq!(t.state(b), BlockState::Used);
-        t.remove_live(b, 100, write_pos(2, 500));
+        t.remove_live(b, 60, Stream::Client, write_pos(2, 500));
+        t.remove_live(b, 40, Stream::Defrag, write_pos(3, 64));
         assert_eq!(t.state(b), BlockState::PendingFree);
-        assert_eq!(t.release_pending(write_pos(2, 499)), 0);
-        assert_eq!(t.free_count(), 3);
-        assert_eq!(t.release_pending(write_pos(2, 500)), 1);
+        assert_eq!(t.set_durable(Stream::Client, write_pos(2, 500)), 0, "defrag stream not yet durable");
+        assert_eq!(t.set_durable(Stream::Defrag, write_pos(3, 63)), 0);
+        assert_eq!(t.set_durable(Stream::Defrag, write_pos(3, 64)), 1);
         assert_eq!(t.state(b), BlockState::Free);
-        assert_eq!(t.free_count(), 4);
     }
 
     #[test]
     fn an_emptied_block_waits_for_its_own_flush() {
-        let t = BlockTable::new(2);
-        let b = t.allocate(1).unwrap();
+        let t = table(2);
+        let (b, _) = t.allocate(Purpose::Write).unwrap();
         t.add_live(b, 64);
-        t.remove_live(b, 64, write_pos(1, 128));
+        t.remove_live(b, 64, Stream::Client, write_pos(1, 128));
         assert_eq!(t.state(b), BlockState::Open, "an open block is never retired");
         t.mark_sealed(b);
         t.mark_used(b);
         assert_eq!(t.state(b), BlockState::PendingFree);
-        assert_eq!(t.release_pending(write_pos(1, 128)), 1);
+        assert_eq!(t.set_durable(Stream::Client, write_pos(1, 128)), 1);
     }
 
     #[test]
-    fn restore_marks_empty_blocks_free() {
-        let t = BlockTable::new(3);
+    fn reserves_keep_blocks_for_deletes_and_defrag() {
+        let t = BlockTable::new(6, 1 << 20, 1, Reserves { stop_writes_blocks: 3, defrag_reserve_blocks: 1 }, 50);
+        assert!(t.allocate(Purpose::Write).is_some());
+        assert!(t.allocate(Purpose::Write).is_some());
+        assert!(t.allocate(Purpose::Write).is_some());
+        assert!(t.allocate(Purpose::Write).is_none(), "stop-writes level reached");
+        assert!(t.allocate(Purpose::Delete).is_some());
+        assert!(t.allocate(Purpose::Delete).is_some());
+        assert!(t.allocate(Purpose::Delete).is_none(), "the defrag reserve is not for deletes");
+        assert!(t.allocate(Purpose::Defrag).is_some());
+        assert!(t.allocate(Purpose::Defrag).is_none());
+    }
+
+    #[test]
+    fn the_emptiest_block_below_the_mark_is_defragmented_first() {
+        let t = table(4);
+        for live in [600_000u64, 300_000, 100_000] {
+            let (b, _) = t.allocate(Purpose::Write).unwrap();
+            t.add_live(b, live);
+            t.mark_sealed(b);
+            t.mark_used(b);
+        }
+        assert_eq!(t.counts().defrag_eligible, 2);
+        let first = t.take_defrag_candidate().unwrap();
+        assert_eq!(t.live_bytes(first), 100_000);
+        assert_eq!(t.state(first), BlockState::Defrag);
+        let second = t.take_defrag_candidate().unwrap();
+        assert_eq!(t.live_bytes(second), 300_000);
+        assert_eq!(t.take_defrag_candidate(), None, "the 60 % block stays");
+        t.remove_live(first, 100_000, Stream::Defrag, write_pos(9, 100));
+        t.finish_defrag(first);
+        assert_eq!(t.state(first), BlockState::PendingFree);
+        t.finish_defrag(second);
+        assert_eq!(t.state(second), BlockState::Used, "a block with live records goes back");
+    }
+
+    #[test]
+    fn restore_marks_empty_blocks_free_and_continues_sequences() {
+        let t = table(3);
         t.add_live(0, 10);
         t.restore(&[(0, 5), (1, 6)]);
         assert_eq!(t.state(0), BlockState::Used);
         assert_eq!(t.sequence(0), 5);
         assert_eq!(t.state(1), BlockState::Free);
         assert_eq!(t.free_count(), 2);
-        assert_eq!(t.allocate(9), Some(1));
+        assert_eq!(t.allocate(Purpose::Write), Some((1, 7)));
     }
 }

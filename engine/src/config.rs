@@ -64,6 +64,30 @@ pub struct EngineConfig {
     /// Reformat devices that hold foreign or mismatched data (destroys it). Blank devices are
     /// always formatted.
     pub format_foreign_devices: bool,
+    /// A used block whose live bytes fall below this percentage is defragmented.
+    pub defrag_lwm_pct: u32,
+    /// Defrag pauses this long per MiB of block it has processed (pacing against client I/O).
+    pub defrag_sleep_us: u64,
+    /// Ordinary writes fail with "device full" once free blocks fall to this percentage.
+    pub stop_writes_avail_pct: u32,
+    /// Free blocks kept for defragmentation alone (percentage, at least 2 blocks): deletes may
+    /// write tombstones below stop-writes, but not into this reserve.
+    pub defrag_reserve_pct: u32,
+    /// How often expired records are removed from the index and their space released
+    /// (0 = never; expired records read as not found either way).
+    pub expiry_period_s: u64,
+    /// Evict records closest to expiry (never those without TTL) while live data exceeds this
+    /// percentage of the device (0 = off).
+    pub evict_used_pct: u32,
+    /// Evict likewise while the index uses more than this many bytes (0 = off).
+    pub evict_index_bytes: u64,
+    /// Each eviction step removes about this many tenths of a percent of evictable records.
+    pub evict_step_tenths_pct: u32,
+    /// How often the tomb raider drops tombstones no older copy needs (0 = only when
+    /// tombstones exceed `tomb_raider_tombstone_pct`).
+    pub tomb_raider_period_s: u64,
+    /// Run the tomb raider early once tombstones exceed this percentage of index entries.
+    pub tomb_raider_tombstone_pct: u32,
     /// How long to wait for a device held by another process before failing with "device in
     /// use" (a killed process releases its devices a few milliseconds after it dies).
     pub device_lock_wait_ms: u64,
@@ -92,6 +116,16 @@ impl EngineConfig {
             max_write_queue_bytes: 64 * 1024 * 1024,
             default_ttl_s: 0,
             format_foreign_devices: false,
+            defrag_lwm_pct: 50,
+            defrag_sleep_us: 1000,
+            stop_writes_avail_pct: 5,
+            defrag_reserve_pct: 1,
+            expiry_period_s: 60,
+            evict_used_pct: 0,
+            evict_index_bytes: 0,
+            evict_step_tenths_pct: 5,
+            tomb_raider_period_s: 3600,
+            tomb_raider_tombstone_pct: 10,
             device_lock_wait_ms: 2000,
             io: IoOptions::default(),
             clock: Arc::new(SystemClock),
@@ -101,6 +135,22 @@ impl EngineConfig {
     /// A single file device of `size_bytes` at `path`.
     pub fn single_file(namespace: impl Into<String>, path: impl Into<PathBuf>, size_bytes: u64) -> EngineConfig {
         EngineConfig::new(namespace, vec![DeviceSpec { path: path.into(), file_size_bytes: Some(size_bytes) }])
+    }
+
+    /// The pause background scans take after processing `bytes` (see `defrag_sleep_us`).
+    pub fn pace_per_block(&self, bytes: usize) -> std::time::Duration {
+        std::time::Duration::from_micros(self.defrag_sleep_us * (bytes.div_ceil(1 << 20) as u64).max(1))
+    }
+
+    /// The free-space reserves for a device of `blocks` blocks.
+    pub fn reserves(&self, blocks: u32) -> crate::blocks::Reserves {
+        let pct = |p: u32| (u64::from(blocks) * u64::from(p)).div_ceil(100) as u32;
+        let defrag = pct(self.defrag_reserve_pct).max(2).min(blocks / 4);
+        // Deletes (tombstones) get at least two blocks between stop-writes and the defrag reserve.
+        crate::blocks::Reserves {
+            stop_writes_blocks: pct(self.stop_writes_avail_pct).max(defrag + 2),
+            defrag_reserve_blocks: defrag,
+        }
     }
 
     /// The record size limit in force (see [`EngineConfig::max_record_bytes`]).
@@ -147,6 +197,15 @@ impl EngineConfig {
             if depth == 0 || depth > 64 {
                 return bad(format!("{name} must be 1 to 64, got {depth}"));
             }
+        }
+        if self.defrag_lwm_pct == 0 || self.defrag_lwm_pct > 90 {
+            return bad(format!("defrag_lwm_pct must be 1 to 90, got {}", self.defrag_lwm_pct));
+        }
+        if self.stop_writes_avail_pct > 50 || self.defrag_reserve_pct > 20 {
+            return bad("stop_writes_avail_pct must be at most 50 and defrag_reserve_pct at most 20".into());
+        }
+        if self.evict_used_pct > 100 || self.evict_step_tenths_pct == 0 || self.evict_step_tenths_pct > 1000 {
+            return bad("evict_used_pct must be 0 to 100 and evict_step_tenths_pct 1 to 1000".into());
         }
         if self.max_write_queue_bytes < u64::from(wbs) {
             return bad("max_write_queue_bytes must hold at least one write block".into());

@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use peregrine_index::{DEVICE_BYTES_MAX, Digest, Index};
 
-use crate::blocks::{BlockCounts, BlockTable};
+use crate::blocks::{BlockCounts, BlockTable, Purpose, Stream};
 use crate::config::{BLOCKS_PER_DEVICE_MIN, EngineConfig};
+use crate::defrag::{DefragCounters, Defragmenter, StopSignal};
 use crate::device::{self, DeviceKind};
 use crate::error::{Error, Result};
 use crate::format::DATA_OFFSET_BYTES;
@@ -18,7 +19,7 @@ use crate::format::device_header::{self, DeviceHeader, SlotDefect};
 use crate::io::{self, AlignedBuf, DeviceIo, IoBackendKind, SharedBuf, WriteSource, wait_io};
 use crate::recovery::{self, DeviceRecovery, RecoveryTarget};
 use crate::sets::SetRegistry;
-use crate::writer::{Geometry, Writer, WriterConfig};
+use crate::writer::{Geometry, MemBlocks, ReadActivity, Writer, WriterConfig};
 
 /// The device a digest's records live on: LE u32 of digest bytes 8..12, mod the device count.
 pub fn device_for(digest: &Digest, device_count: usize) -> usize {
@@ -30,8 +31,15 @@ pub(crate) struct Device {
     pub(crate) label: String,
     pub(crate) kind: DeviceKind,
     pub(crate) io: Arc<dyn DeviceIo>,
+    /// Client writes.
     pub(crate) writer: Arc<Writer>,
-    flusher: Mutex<Option<JoinHandle<()>>>,
+    /// Defrag moves (never mixed with client writes).
+    pub(crate) defrag_writer: Arc<Writer>,
+    pub(crate) blocks: Arc<BlockTable>,
+    pub(crate) mem: Arc<MemBlocks>,
+    pub(crate) reads: Arc<ReadActivity>,
+    pub(crate) defrag: Arc<DefragCounters>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     header: Mutex<(DeviceHeader, usize)>,
 }
 
@@ -46,16 +54,22 @@ pub(crate) struct Counters {
     pub(crate) write_retries: AtomicU64,
     pub(crate) records: AtomicI64,
     pub(crate) tombstones: AtomicI64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) evicted: AtomicU64,
+    pub(crate) tombstones_dropped: AtomicU64,
 }
 
 pub(crate) struct Inner {
     pub(crate) config: EngineConfig,
-    pub(crate) index: Index,
+    pub(crate) index: Arc<Index>,
     pub(crate) sets: SetRegistry,
     pub(crate) devices: Vec<Device>,
     pub(crate) counters: Counters,
     recovery: Vec<DeviceRecovery>,
     closed: AtomicBool,
+    /// Stops the defragmenters and the maintenance thread.
+    pub(crate) maintenance_stop: Arc<StopSignal>,
+    maintenance: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// A thread-safe handle to one namespace's storage. Clones share the engine; the devices are
@@ -94,6 +108,14 @@ pub struct EngineStats {
     pub corruption_errors: u64,
     /// Reads retried because the record moved while being read.
     pub read_retries: u64,
+    /// Expired records removed by the reaper.
+    pub expired: u64,
+    /// Records evicted.
+    pub evicted: u64,
+    /// Tombstones dropped by the tomb raider.
+    pub tombstones_dropped: u64,
+    /// Ordinary writes are refused on at least one device (free space at the stop-writes level).
+    pub stop_writes: bool,
     /// Writes retried because the record changed meanwhile.
     pub write_retries: u64,
     /// Per-device figures.
@@ -127,6 +149,18 @@ pub struct DeviceStats {
     pub write_queue_bytes: u64,
     /// Writes refused with "device overload".
     pub overloads: u64,
+    /// Blocks defragmented.
+    pub defrag_blocks: u64,
+    /// Bytes read by defrag.
+    pub defrag_read_bytes: u64,
+    /// Records moved by defrag.
+    pub defrag_records_moved: u64,
+    /// Record bytes written by defrag.
+    pub defrag_bytes_written: u64,
+    /// Device bytes written by the defrag stream.
+    pub defrag_device_write_bytes: u64,
+    /// Ordinary writes are refused (free blocks at the stop-writes level).
+    pub stop_writes: bool,
     /// Set when a device write failed (the device refuses writes).
     pub failure: Option<String>,
 }
@@ -206,12 +240,18 @@ impl Engine {
             });
         }
         let (headers, formatted) = Self::verify_or_format(&config, &mut opened)?;
-        let index = Index::new();
+        let index = Arc::new(Index::new());
         let sets = SetRegistry::default();
         let mut tables = Vec::new();
         let mut geometries = Vec::new();
         for (i, (h, _)) in headers.iter().enumerate() {
-            tables.push(Arc::new(BlockTable::new(h.block_count)));
+            tables.push(Arc::new(BlockTable::new(
+                h.block_count,
+                h.write_block_bytes,
+                1,
+                config.reserves(h.block_count),
+                config.defrag_lwm_pct,
+            )));
             geometries.push(Geometry {
                 device_index: i as u8,
                 data_offset: h.data_offset,
@@ -221,9 +261,9 @@ impl Engine {
         }
         let recovery =
             if formatted { Vec::new() } else { Self::recover(&opened, &headers, &geometries, &tables, &index, &sets)? };
+        let stop = Arc::new(StopSignal::default());
         let mut devices = Vec::new();
         for (i, (o, (header, slot))) in opened.into_iter().zip(headers).enumerate() {
-            let next_sequence = recovery.get(i).map_or(1, |r| r.max_sequence + 1);
             let mut header = header;
             let was_clean = header.clean_shutdown;
             header.clean_shutdown = false;
@@ -233,36 +273,74 @@ impl Engine {
             if !was_clean && !o.created {
                 tracing::warn!(device = %o.label, "device was not shut down cleanly; recovered from its contents");
             }
-            let writer = Arc::new(Writer::new(
-                o.label.clone(),
-                geometries[i],
-                WriterConfig {
-                    flush_interval_ms: config.flush_interval_ms,
-                    post_write_cache_bytes: config.post_write_cache_bytes,
-                    write_chunk_bytes: config.write_chunk_bytes,
-                    write_queue_depth: config.write_queue_depth,
-                    bulk_write_chunk_bytes: config.bulk_write_chunk_bytes,
-                    bulk_write_queue_depth: config.bulk_write_queue_depth,
-                    bulk_write_after_read_quiet_ms: config.bulk_write_after_read_quiet_ms,
-                    max_write_queue_bytes: config.max_write_queue_bytes,
-                },
-                o.io.clone(),
-                tables[i].clone(),
-                config.clock.clone(),
-                next_sequence,
-            ));
-            let flusher_writer = writer.clone();
-            let flusher = std::thread::Builder::new()
-                .name(format!("flusher {}", o.label))
-                .spawn(move || flusher_writer.run_flusher())
-                .map_err(|e| Error::io("starting a flusher thread", e))?;
+            let mem: Arc<MemBlocks> = Arc::default();
+            let reads: Arc<ReadActivity> = Arc::default();
+            let writer_config = WriterConfig {
+                flush_interval_ms: config.flush_interval_ms,
+                post_write_cache_bytes: config.post_write_cache_bytes,
+                write_chunk_bytes: config.write_chunk_bytes,
+                write_queue_depth: config.write_queue_depth,
+                bulk_write_chunk_bytes: config.bulk_write_chunk_bytes,
+                bulk_write_queue_depth: config.bulk_write_queue_depth,
+                bulk_write_after_read_quiet_ms: config.bulk_write_after_read_quiet_ms,
+                max_write_queue_bytes: config.max_write_queue_bytes,
+            };
+            let new_writer = |stream: Stream, cfg: WriterConfig| {
+                Arc::new(Writer::new(
+                    o.label.clone(),
+                    stream,
+                    geometries[i],
+                    cfg,
+                    o.io.clone(),
+                    tables[i].clone(),
+                    config.clock.clone(),
+                    mem.clone(),
+                    reads.clone(),
+                ))
+            };
+            let writer = new_writer(Stream::Client, writer_config.clone());
+            // Moved records are cold: the defrag stream keeps no post-write cache.
+            let defrag_writer = new_writer(Stream::Defrag, WriterConfig { post_write_cache_bytes: 0, ..writer_config });
+            let defrag = Arc::new(DefragCounters::default());
+            let defragmenter = Defragmenter {
+                label: o.label.clone(),
+                geometry: geometries[i],
+                index: index.clone(),
+                blocks: tables[i].clone(),
+                io: o.io.clone(),
+                mem: mem.clone(),
+                writer: defrag_writer.clone(),
+                sleep_per_mib: Duration::from_micros(config.defrag_sleep_us),
+                counters: defrag.clone(),
+                stop: stop.clone(),
+            };
+            let mut threads = Vec::new();
+            for (role, w) in [("flusher", writer.clone()), ("defrag-flusher", defrag_writer.clone())] {
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("{role} {}", o.label))
+                        .spawn(move || w.run_flusher())
+                        .map_err(|e| Error::io("starting a flusher thread", e))?,
+                );
+            }
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("defrag {}", o.label))
+                    .spawn(move || defragmenter.run())
+                    .map_err(|e| Error::io("starting a defrag thread", e))?,
+            );
             drop(o.control);
             devices.push(Device {
                 label: o.label,
                 kind: o.kind,
                 io: o.io,
                 writer,
-                flusher: Mutex::new(Some(flusher)),
+                defrag_writer,
+                blocks: tables[i].clone(),
+                mem,
+                reads,
+                defrag,
+                threads: Mutex::new(threads),
                 header: Mutex::new((header, dirty_slot)),
             });
         }
@@ -274,9 +352,17 @@ impl Engine {
             counters: Counters::default(),
             recovery,
             closed: AtomicBool::new(false),
+            maintenance_stop: stop.clone(),
+            maintenance: Mutex::new(None),
         };
         let engine = Engine { inner: Arc::new(inner) };
         engine.recount();
+        let weak = Arc::downgrade(&engine.inner);
+        let handle = std::thread::Builder::new()
+            .name(format!("maintenance {}", engine.inner.config.namespace))
+            .spawn(move || crate::maintenance::run(weak, stop))
+            .map_err(|e| Error::io("starting the maintenance thread", e))?;
+        *engine.inner.maintenance.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
         tracing::info!(
             namespace = %engine.inner.config.namespace,
             devices = engine.inner.devices.len(),
@@ -497,12 +583,13 @@ impl Engine {
     /// Current statistics.
     pub fn stats(&self) -> EngineStats {
         let c = &self.inner.counters;
-        let devices = self
+        let devices: Vec<DeviceStats> = self
             .inner
             .devices
             .iter()
             .map(|d| {
                 let w = &d.writer.counters;
+                let dw = &d.defrag_writer.counters;
                 DeviceStats {
                     path: d.label.clone(),
                     backend: d.io.kind().to_string(),
@@ -511,15 +598,21 @@ impl Engine {
                         DeviceKind::Block => "block device".into(),
                     },
                     block_bytes: d.writer.geometry().block_bytes,
-                    blocks_total: u64::from(d.writer.blocks().len()),
-                    blocks: d.writer.blocks().counts(),
+                    blocks_total: u64::from(d.blocks.len()),
+                    blocks: d.blocks.counts(),
                     writes: w.writes.load(Ordering::Relaxed),
                     write_bytes: w.write_bytes.load(Ordering::Relaxed),
                     syncs: w.syncs.load(Ordering::Relaxed),
                     appended_bytes: w.appended_bytes.load(Ordering::Relaxed),
                     write_queue_bytes: d.writer.queued_bytes(),
                     overloads: w.overloads.load(Ordering::Relaxed),
-                    failure: d.writer.failure(),
+                    defrag_blocks: d.defrag.blocks.load(Ordering::Relaxed),
+                    defrag_read_bytes: d.defrag.read_bytes.load(Ordering::Relaxed),
+                    defrag_records_moved: d.defrag.records_moved.load(Ordering::Relaxed),
+                    defrag_bytes_written: d.defrag.bytes_moved.load(Ordering::Relaxed),
+                    defrag_device_write_bytes: dw.write_bytes.load(Ordering::Relaxed),
+                    stop_writes: !d.blocks.can_allocate(Purpose::Write),
+                    failure: d.writer.failure().or_else(|| d.defrag_writer.failure()),
                 }
             })
             .collect();
@@ -532,6 +625,10 @@ impl Engine {
             device_read_bytes: c.device_read_bytes.load(Ordering::Relaxed),
             memory_reads: c.memory_reads.load(Ordering::Relaxed),
             record_reads_from_device: c.record_reads_from_device.load(Ordering::Relaxed),
+            expired: c.expired.load(Ordering::Relaxed),
+            evicted: c.evicted.load(Ordering::Relaxed),
+            tombstones_dropped: c.tombstones_dropped.load(Ordering::Relaxed),
+            stop_writes: devices.iter().any(|d: &DeviceStats| d.stop_writes),
             corruption_errors: c.corruption_errors.load(Ordering::Relaxed),
             read_retries: c.read_retries.load(Ordering::Relaxed),
             write_retries: c.write_retries.load(Ordering::Relaxed),
@@ -541,7 +638,8 @@ impl Engine {
 
     /// Waits until every record written so far is on the devices and synced.
     pub fn flush(&self) -> Result<()> {
-        let waits: Vec<_> = self.inner.devices.iter().map(|d| d.writer.flush()).collect();
+        let waits: Vec<_> =
+            self.inner.devices.iter().flat_map(|d| [d.writer.flush(), d.defrag_writer.flush()]).collect();
         for w in waits {
             w.wait().unwrap_or(Err(Error::Shutdown))?;
         }
@@ -561,14 +659,31 @@ impl Inner {
             return Ok(());
         }
         let mut first_error = None;
-        for d in &self.devices {
-            d.writer.stop();
-            if let Some(h) = d.flusher.lock().unwrap_or_else(PoisonError::into_inner).take()
-                && h.join().is_err()
-            {
-                first_error.get_or_insert(Error::Config(format!("flusher of {} panicked", d.label)));
+        // Background work first (it may still write), then the writers, then the headers.
+        self.maintenance_stop.stop();
+        if let Some(h) = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            // The maintenance thread may itself be dropping the last handle: never join self.
+            if h.thread().id() != std::thread::current().id() && h.join().is_err() {
+                first_error.get_or_insert(Error::Config("the maintenance thread panicked".into()));
             }
-            if let Some(reason) = d.writer.failure() {
+        }
+        for d in &self.devices {
+            let threads = std::mem::take(&mut *d.threads.lock().unwrap_or_else(PoisonError::into_inner));
+            let (flushers, others): (Vec<_>, Vec<_>) =
+                threads.into_iter().partition(|t| t.thread().name().is_some_and(|n| n.contains("flusher")));
+            for t in others {
+                if t.join().is_err() {
+                    first_error.get_or_insert(Error::Config(format!("defrag thread of {} panicked", d.label)));
+                }
+            }
+            d.defrag_writer.stop();
+            d.writer.stop();
+            for t in flushers {
+                if t.join().is_err() {
+                    first_error.get_or_insert(Error::Config(format!("flusher of {} panicked", d.label)));
+                }
+            }
+            if let Some(reason) = d.writer.failure().or_else(|| d.defrag_writer.failure()) {
                 first_error.get_or_insert(Error::Failed { device: d.label.clone(), reason });
                 continue;
             }

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use peregrine_index::{Digest, Entry, EntryFlags, PartitionId};
 
-use crate::blocks::WritePos;
+use crate::blocks::{Purpose, Stream, WritePos};
 use crate::clock::is_expired;
 use crate::completion::{Completion, block_on};
 use crate::engine::{Engine, device_for};
@@ -65,8 +65,11 @@ pub enum Applied {
     Unchanged,
 }
 
-enum Expect {
+/// What the index entry must be for a commit to go ahead.
+pub(crate) enum Expect {
+    /// Whatever it is (replication, restore).
     Any,
+    /// Exactly this (an optimistic write's snapshot).
     Exactly(Option<Entry>),
 }
 
@@ -265,7 +268,9 @@ impl Engine {
             };
             let existing = live.map(|e| Existing { meta: meta_of(&e), record: record.as_ref() });
             let change = decide(existing)?;
-            let lut = self.inner.config.clock.now_unix_ms().max(live.map_or(0, |e| e.last_update_ms + 1));
+            // Last-update times order a record's versions (recovery keeps the latest): strictly
+            // above whatever the index holds, tombstones and expired versions included.
+            let lut = self.inner.config.clock.now_unix_ms().max(raw.map_or(0, |e| e.last_update_ms + 1));
             let generation = live.map_or(1, |e| next_generation(e.generation));
             let meta = RecordMeta { generation, void_time: 0, last_update_ms: lut };
             let (version, applied) = match change {
@@ -291,7 +296,8 @@ impl Engine {
                 }
             };
             let durable = self.inner.config.commit_to_device;
-            match self.commit(&version, Expect::Exactly(raw), durable)? {
+            let purpose = if matches!(applied, Applied::Deleted) { Purpose::Delete } else { Purpose::Write };
+            match self.commit(&version, Expect::Exactly(raw), durable, purpose)? {
                 None => continue,
                 Some(wait) => {
                     if let Some(c) = wait {
@@ -309,7 +315,8 @@ impl Engine {
     pub fn apply_version(&self, version: &RecordVersion) -> Result<()> {
         self.ensure_open()?;
         let durable = self.inner.config.commit_to_device;
-        if let Some(Some(c)) = self.commit(version, Expect::Any, durable)? {
+        let purpose = if matches!(version, RecordVersion::Tombstone { .. }) { Purpose::Delete } else { Purpose::Write };
+        if let Some(Some(c)) = self.commit(version, Expect::Any, durable, purpose)? {
             c.wait().unwrap_or(Err(Error::Shutdown))?;
         }
         Ok(())
@@ -317,11 +324,12 @@ impl Engine {
 
     /// Appends `version` and repoints the index, if the entry is still `expect`. Returns
     /// `None` on a conflict, else the durability wait when one was asked for.
-    fn commit(
+    pub(crate) fn commit(
         &self,
         version: &RecordVersion,
         expect: Expect,
         durable: bool,
+        purpose: Purpose,
     ) -> Result<Option<Option<Completion<Result<()>>>>> {
         let digest = *version.digest();
         let mut bytes = Vec::with_capacity(256);
@@ -344,7 +352,7 @@ impl Engine {
         {
             return Ok(None);
         }
-        let appended = dev.writer.append(&mut bytes, durable)?;
+        let appended = dev.writer.append(&mut bytes, durable, purpose)?;
         let entry = Entry {
             digest,
             set_id,
@@ -352,22 +360,25 @@ impl Engine {
             generation: meta.generation,
             void_time: meta.void_time,
             last_update_ms: meta.last_update_ms,
-            flags: EntryFlags::empty().with(EntryFlags::TOMBSTONE, tombstone).with(EntryFlags::KEY_STORED, key_stored),
+            flags: EntryFlags::empty()
+                .with(EntryFlags::TOMBSTONE, tombstone)
+                .with(EntryFlags::KEY_STORED, key_stored)
+                .with(EntryFlags::OLDER_COPIES, current.is_some()),
         };
         table.insert_hinted(entry, hint);
         if let Some(old) = &current {
-            self.release(old, appended.pos);
+            self.release(old, Stream::Client, appended.pos);
         }
         drop(table);
         self.count_transition(current.as_ref(), &entry);
         Ok(Some(appended.durable))
     }
 
-    /// The old version at `old` died because of the write at `killer`.
-    fn release(&self, old: &Entry, killer: WritePos) {
+    /// The old version at `old` died because of the write at `killer` in `stream`.
+    pub(crate) fn release(&self, old: &Entry, stream: Stream, killer: WritePos) {
         if let Some(dev) = self.inner.devices.get(usize::from(old.location.device)) {
             let (block, _) = dev.writer.geometry().split(old.location.offset);
-            dev.writer.blocks().remove_live(block, u64::from(old.location.size), killer);
+            dev.blocks.remove_live(block, u64::from(old.location.size), stream, killer);
         }
     }
 

@@ -97,12 +97,12 @@ impl Engine {
             let got = RecordBytes::Memory { bytes, sequence: mem.sequence };
             return Ok(check(got, entry));
         }
-        let sequence = dev.writer.blocks().sequence(block);
+        let sequence = dev.blocks.sequence(block);
         let align = dev.io.granule() as u64;
         let start = align_down(loc.offset, align);
         let end = align_up(loc.offset + loc.size as u64, align);
         let len = (end - start) as usize;
-        dev.writer.note_read();
+        dev.reads.note();
         let buf = await_io(dev.io.read(start, AlignedBuf::zeroed(len), len))
             .await
             .map_err(|e| Error::io(format!("reading {} at {}", dev.label, loc.offset), e))?;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use peregrine_index::{Entry, EntryFlags, Index, Location};
 
-use crate::blocks::BlockTable;
+use crate::blocks::{BlockTable, Stream};
 use crate::error::{Error, Result};
 use crate::format::block_header::{self, BlockHeader};
 use crate::format::{RECORD_ALIGN_BYTES, record};
@@ -218,7 +218,10 @@ pub fn recover_device(target: &RecoveryTarget<'_>, index: &Index, sets: &SetRegi
     Ok(report)
 }
 
-/// Offers one verified record version to the index; the newest write position wins.
+/// Offers one verified record version to the index. The latest last-update time wins (write
+/// positions do not order versions: defrag moves land in their own blocks); a tie means the
+/// same version copied by defrag, and the later position is kept. A digest seen more than
+/// once is flagged as having older copies on the device.
 fn apply(
     target: &RecoveryTarget<'_>,
     index: &Index,
@@ -257,13 +260,17 @@ fn apply(
             table.insert_hinted(candidate, hint);
             target.blocks.add_live(block, extent);
         }
-        Some(existing) => {
+        Some(mut existing) => {
             let (old_block, old_offset) = g.split(existing.location.offset);
-            let existing_pos = (target.blocks.sequence(old_block), old_offset);
-            if (sequence, offset) > existing_pos {
-                table.insert_hinted(candidate, hint);
+            let existing_key = (existing.last_update_ms, target.blocks.sequence(old_block), old_offset);
+            if (candidate.last_update_ms, sequence, offset) > existing_key {
+                let flagged = Entry { flags: candidate.flags.with(EntryFlags::OLDER_COPIES, true), ..candidate };
+                table.insert_hinted(flagged, hint);
                 target.blocks.add_live(block, extent);
-                target.blocks.remove_live(old_block, u64::from(existing.location.size), 0);
+                target.blocks.remove_live(old_block, u64::from(existing.location.size), Stream::Client, 0);
+            } else if !existing.flags.contains(EntryFlags::OLDER_COPIES) {
+                existing.flags = existing.flags.with(EntryFlags::OLDER_COPIES, true);
+                table.insert_hinted(existing, hint);
             }
         }
     }

@@ -16,12 +16,41 @@ use std::time::{Duration, Instant};
 
 use peregrine_index::Location;
 
-use crate::blocks::{BlockTable, WritePos, write_pos};
+use crate::blocks::{BlockTable, Purpose, Stream, WritePos, write_pos};
 use crate::clock::Clock;
 use crate::completion::{Completer, Completion, completion};
 use crate::error::{Error, Result};
 use crate::format::{block_header, record};
 use crate::io::{AlignedBuf, DeviceIo, IO_ALIGN_BYTES, SharedBuf, WriteSource, align_down, align_up, wait_io};
+
+/// When a device last served a record read: its writers yield to reads for a while after.
+#[derive(Debug)]
+pub struct ReadActivity {
+    born: Instant,
+    last_read_ms: AtomicU64,
+}
+
+impl Default for ReadActivity {
+    fn default() -> Self {
+        ReadActivity { born: Instant::now(), last_read_ms: AtomicU64::new(0) }
+    }
+}
+
+impl ReadActivity {
+    /// A read is about to go to the device.
+    pub fn note(&self) {
+        self.last_read_ms.store(self.born.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+    }
+
+    /// Whether a read went to the device in the last `window_ms`.
+    pub fn recent(&self, window_ms: u64) -> bool {
+        let last = self.last_read_ms.load(Ordering::Relaxed);
+        last > 0 && (self.born.elapsed().as_millis() as u64 + 1).saturating_sub(last) < window_ms
+    }
+}
+
+/// Write blocks held in memory, by block index; shared by a device's writers and its readers.
+pub type MemBlocks = RwLock<HashMap<u32, Arc<MemBlock>>>;
 
 /// Buffers kept for reuse after leaving the post-write cache.
 const BUFFER_POOL_MAX: usize = 4;
@@ -125,7 +154,6 @@ struct State {
     cache: VecDeque<Arc<MemBlock>>,
     pool: Vec<AlignedBuf>,
     oldest_unflushed: Option<Instant>,
-    next_sequence: u64,
     failed: Option<String>,
     stopping: bool,
     stopped: bool,
@@ -134,6 +162,7 @@ struct State {
 /// The writer of one device.
 pub struct Writer {
     label: String,
+    stream: Stream,
     geometry: Geometry,
     config: WriterConfig,
     io: Arc<dyn DeviceIo>,
@@ -141,12 +170,9 @@ pub struct Writer {
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
     wake: Condvar,
-    mem: RwLock<HashMap<u32, Arc<MemBlock>>>,
+    mem: Arc<MemBlocks>,
     durable: AtomicU64,
-    /// When this writer was created (the origin of `last_read_ms`).
-    born: Instant,
-    /// Milliseconds after `born` of the last device read of a record on this device.
-    last_read_ms: AtomicU64,
+    reads: Arc<ReadActivity>,
     /// Device write counters.
     pub counters: WriterCounters,
 }
@@ -164,18 +190,24 @@ enum Job {
 }
 
 impl Writer {
-    /// A writer whose next block gets sequence `next_sequence`.
+    /// A writer of `stream`; block sequences come from the block table.
+    #[allow(clippy::too_many_arguments, reason = "a constructor wiring a device's shared parts")]
     pub fn new(
         label: String,
+        stream: Stream,
         geometry: Geometry,
         config: WriterConfig,
         io: Arc<dyn DeviceIo>,
         blocks: Arc<BlockTable>,
         clock: Arc<dyn Clock>,
-        next_sequence: u64,
+        mem: Arc<MemBlocks>,
+        reads: Arc<ReadActivity>,
     ) -> Writer {
+        let durable = write_pos(blocks.next_sequence().saturating_sub(1), u32::MAX);
+        blocks.set_durable(stream, durable);
         Writer {
             label,
+            stream,
             geometry,
             config,
             io,
@@ -188,16 +220,14 @@ impl Writer {
                 cache: VecDeque::new(),
                 pool: Vec::new(),
                 oldest_unflushed: None,
-                next_sequence,
                 failed: None,
                 stopping: false,
                 stopped: false,
             }),
             wake: Condvar::new(),
-            mem: RwLock::new(HashMap::new()),
-            durable: AtomicU64::new(write_pos(next_sequence.saturating_sub(1), u32::MAX)),
-            born: Instant::now(),
-            last_read_ms: AtomicU64::new(0),
+            mem,
+            durable: AtomicU64::new(durable),
+            reads,
             counters: WriterCounters::default(),
         }
     }
@@ -226,17 +256,15 @@ impl Writer {
         self.lock().sealed.len() as u64 * u64::from(self.geometry.block_bytes)
     }
 
-    /// A record read is about to go to this device: writes yield to reads for a while.
-    pub fn note_read(&self) {
-        self.last_read_ms.store(self.born.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+    /// The stream this writer appends to.
+    pub fn stream(&self) -> Stream {
+        self.stream
     }
 
     /// (piece size, pieces in flight) for the next device write: small and shallow while reads
     /// are active, large and deep otherwise.
     fn write_shape(&self) -> (usize, usize) {
-        let last = self.last_read_ms.load(Ordering::Relaxed);
-        let now = self.born.elapsed().as_millis() as u64 + 1;
-        let reading = last > 0 && now.saturating_sub(last) < self.config.bulk_write_after_read_quiet_ms;
+        let reading = self.reads.recent(self.config.bulk_write_after_read_quiet_ms);
         let block = self.geometry.block_bytes as usize;
         if reading {
             ((self.config.write_chunk_bytes as usize).min(block), self.config.write_queue_depth as usize)
@@ -250,8 +278,9 @@ impl Writer {
         self.mem.read().unwrap_or_else(PoisonError::into_inner).get(&block).cloned()
     }
 
-    /// Appends an encoded record (checksum not yet sealed) to the open block.
-    pub fn append(&self, record_bytes: &mut [u8], want_durable: bool) -> Result<Appended> {
+    /// Appends an encoded record (checksum not yet sealed) to the open block. `purpose`
+    /// decides which free-space reserves a new block may use.
+    pub fn append(&self, record_bytes: &mut [u8], want_durable: bool, purpose: Purpose) -> Result<Appended> {
         let len = record_bytes.len();
         let extent = record::extent(len);
         let block_bytes = self.geometry.block_bytes as usize;
@@ -265,7 +294,7 @@ impl Writer {
         }
         let fits = st.open.as_ref().is_some_and(|o| o.fill as usize + extent <= block_bytes);
         if !fits {
-            self.open_new_block(&mut st)?;
+            self.open_new_block(&mut st, purpose)?;
         }
         let Some(open) = st.open.as_mut() else {
             return Err(Error::Shutdown);
@@ -312,7 +341,7 @@ impl Writer {
         }
     }
 
-    fn open_new_block(&self, st: &mut State) -> Result<()> {
+    fn open_new_block(&self, st: &mut State, purpose: Purpose) -> Result<()> {
         let block_bytes = u64::from(self.geometry.block_bytes);
         let queued = (st.sealed.len() as u64 + u64::from(st.open.is_some())) * block_bytes;
         if queued > self.config.max_write_queue_bytes {
@@ -322,11 +351,17 @@ impl Writer {
                 self.label, self.config.max_write_queue_bytes
             )));
         }
-        let sequence = st.next_sequence;
-        let Some(block) = self.blocks.allocate(sequence) else {
-            return Err(Error::DeviceFull(format!("{} has no free write block", self.label)));
+        let Some((block, sequence)) = self.blocks.allocate(purpose) else {
+            let r = self.blocks.reserves();
+            return Err(Error::DeviceFull(format!(
+                "{}: {} of {} write blocks free; ordinary writes stop at {} (stop_writes_avail_pct), deletes at {} (the defrag reserve)",
+                self.label,
+                self.blocks.free_count(),
+                self.blocks.len(),
+                r.stop_writes_blocks,
+                r.defrag_reserve_blocks
+            )));
         };
-        st.next_sequence += 1;
         self.seal_open(st);
         // A reused buffer keeps bytes of its previous block past the fill mark. They reach the
         // device only in the partial last sector of a flush, and never verify there: their
@@ -495,6 +530,7 @@ impl Writer {
 
     fn advance_durable(&self, st: &mut State, pos: WritePos, synced: bool) {
         self.durable.fetch_max(pos, Ordering::SeqCst);
+        self.blocks.set_durable(self.stream, pos);
         if synced {
             let durable = self.durable.load(Ordering::SeqCst);
             let mut i = 0;
@@ -507,7 +543,6 @@ impl Writer {
                 }
             }
         }
-        self.blocks.release_pending(self.durable.load(Ordering::SeqCst));
     }
 
     fn fail(&self, st: &mut State, reason: String) {

@@ -81,6 +81,10 @@ impl EntryFlags {
     pub const TOMBSTONE: EntryFlags = EntryFlags(1);
     /// The record carries its user key.
     pub const KEY_STORED: EntryFlags = EntryFlags(2);
+    /// Older versions of this record may still be on the device (this version replaced
+    /// another, or recovery saw several copies): expiring it needs a tombstone, or an older copy
+    /// could come back at the next cold start.
+    pub const OLDER_COPIES: EntryFlags = EntryFlags(4);
     /// All four bits.
     const MASK: u8 = 0x0F;
 

@@ -9,11 +9,8 @@ use peregrine_proto::{Batch, DecodeError, MsgHeader, ProtoHeader, decode_message
 
 fn corpus() -> Vec<(String, Vec<u8>)> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/decode");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .collect();
+    let mut files: Vec<_> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect();
     files.sort();
     let seeds = files.iter().filter(|p| p.to_string_lossy().contains("seed-")).count();
     assert!(seeds >= 20, "seed corpus missing in {}", dir.display());

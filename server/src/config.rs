@@ -125,6 +125,30 @@ pub struct NamespaceConfig {
     /// Reformat devices holding foreign or mismatched data (destroys it).
     #[serde(default)]
     pub format_foreign_devices: Option<bool>,
+    /// Defragment used blocks below this fill percentage.
+    #[serde(default)]
+    pub defrag_lwm_pct: Option<u32>,
+    /// Defrag pause per MiB processed.
+    #[serde(default)]
+    pub defrag_sleep_us: Option<u64>,
+    /// Ordinary writes stop at this free-block percentage.
+    #[serde(default)]
+    pub stop_writes_avail_pct: Option<u32>,
+    /// Free blocks kept for defrag alone (percent).
+    #[serde(default)]
+    pub defrag_reserve_pct: Option<u32>,
+    /// Expiry period (0 = off).
+    #[serde(default)]
+    pub expiry_period_s: Option<u64>,
+    /// Evict while live data exceeds this device percentage (0 = off).
+    #[serde(default)]
+    pub evict_used_pct: Option<u32>,
+    /// Evict while the index exceeds this many bytes (0 = off).
+    #[serde(default)]
+    pub evict_index_bytes: Option<u64>,
+    /// Tomb raider period (0 = only when tombstones pile up).
+    #[serde(default)]
+    pub tomb_raider_period_s: Option<u64>,
 }
 
 /// A device of a namespace.
@@ -157,6 +181,14 @@ impl NamespaceConfig {
             bulk_write_queue_depth: None,
             io_backend: None,
             format_foreign_devices: None,
+            defrag_lwm_pct: None,
+            defrag_sleep_us: None,
+            stop_writes_avail_pct: None,
+            defrag_reserve_pct: None,
+            expiry_period_s: None,
+            evict_used_pct: None,
+            evict_index_bytes: None,
+            tomb_raider_period_s: None,
         }
     }
 
@@ -192,7 +224,15 @@ impl NamespaceConfig {
             write_queue_depth,
             bulk_write_chunk_bytes,
             bulk_write_queue_depth,
-            format_foreign_devices
+            format_foreign_devices,
+            defrag_lwm_pct,
+            defrag_sleep_us,
+            stop_writes_avail_pct,
+            defrag_reserve_pct,
+            expiry_period_s,
+            evict_used_pct,
+            evict_index_bytes,
+            tomb_raider_period_s
         );
         let backend = match self.io_backend.as_deref() {
             None | Some("auto") => IoBackendChoice::Auto,

@@ -8,4 +8,5 @@ mod crash;
 mod devices;
 mod recovery;
 mod roundtrip;
+mod space;
 mod stress;
