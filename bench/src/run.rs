@@ -187,12 +187,15 @@ async fn worker(shared: Arc<Shared>, chooser: Chooser, mut rng: Rng, recorder: A
             Op::Write { key, replace } => {
                 let version = shared.version_base + seq;
                 let bins = make_bins(key, version, shared.size, shared.bins);
-                // An overloaded target asks clients to back off: count it, wait, try again.
+                // An overloaded or full target asks clients to back off (defrag is freeing
+                // space): count it, wait, try again.
                 let mut backoff = Duration::from_micros(200);
                 let result = loop {
                     match shared.target.write(key, bins.clone(), replace).await {
-                        Err(ErrorKind::Overload) if !shared.stop.load(Ordering::Relaxed) => {
-                            local.error(ErrorKind::Overload);
+                        Err(kind @ (ErrorKind::Overload | ErrorKind::DeviceFull))
+                            if !shared.stop.load(Ordering::Relaxed) =>
+                        {
+                            local.error(kind);
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(OVERLOAD_BACKOFF_MAX);
                         }

@@ -17,7 +17,7 @@ pub struct EngineFigures {
     pub device_reads_per_record_read: f64,
     /// Index RAM per record.
     pub index_bytes_per_record: f64,
-    /// Device bytes written per record byte appended.
+    /// Device bytes written (client and defrag streams) per record byte clients appended.
     pub write_amplification: f64,
 }
 
@@ -25,8 +25,10 @@ pub struct EngineFigures {
 pub fn engine_figures(before: &EngineStats, after: &EngineStats) -> EngineFigures {
     let reads = after.record_reads_from_device.saturating_sub(before.record_reads_from_device);
     let ios = after.device_reads.saturating_sub(before.device_reads);
-    let written: u64 = after.devices.iter().map(|d| d.write_bytes).sum::<u64>()
-        - before.devices.iter().map(|d| d.write_bytes).sum::<u64>();
+    // Device bytes of both write streams (client and defrag) per record byte written by clients.
+    let device_bytes =
+        |s: &EngineStats| s.devices.iter().map(|d| d.write_bytes + d.defrag_device_write_bytes).sum::<u64>();
+    let written = device_bytes(after).saturating_sub(device_bytes(before));
     let appended: u64 = after.devices.iter().map(|d| d.appended_bytes).sum::<u64>()
         - before.devices.iter().map(|d| d.appended_bytes).sum::<u64>();
     EngineFigures {

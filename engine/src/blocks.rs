@@ -7,7 +7,8 @@
 //! crash could leave the older copy as the only one, so its bytes must stay on the device.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 /// A position in one stream's write order: block sequence in the high 32 bits, byte offset
 /// within the block in the low 32. Later writes of a stream have larger positions.
@@ -115,18 +116,28 @@ pub struct Reserves {
     pub stop_writes_blocks: u32,
     /// Deletes need more free blocks than this (the defrag reserve).
     pub defrag_reserve_blocks: u32,
+    /// At or below this many free blocks defrag is urgent: it ignores the low-water mark
+    /// (taking the emptiest block up to [`URGENT_DEFRAG_MAX_LIVE_PCT`] live) and its pacing.
+    pub defrag_urgent_blocks: u32,
 }
+
+/// Under urgent defrag, blocks fuller than this percentage are left alone: moving them would
+/// cost a block read and most of a block written to gain less than a tenth of a block.
+pub const URGENT_DEFRAG_MAX_LIVE_PCT: u64 = 90;
 
 /// The block table of one device.
 #[derive(Debug)]
 pub struct BlockTable {
     slots: Box<[Slot]>,
     lists: Mutex<FreeLists>,
+    /// Signalled whenever blocks return to the free list.
+    freed: Condvar,
     next_sequence: AtomicU64,
     durable: [AtomicU64; STREAMS],
     reserves: Reserves,
     block_bytes: u32,
     defrag_lwm_bytes: u64,
+    urgent_max_live_bytes: u64,
 }
 
 impl BlockTable {
@@ -141,11 +152,14 @@ impl BlockTable {
         BlockTable {
             slots: (0..count).map(|_| Slot::default()).collect(),
             lists: Mutex::new(FreeLists { free: (0..count).rev().collect(), pending: Vec::new() }),
+            freed: Condvar::new(),
             next_sequence: AtomicU64::new(next_sequence.max(1)),
             durable: std::array::from_fn(|_| AtomicU64::new(0)),
             reserves,
             block_bytes,
             defrag_lwm_bytes: u64::from(block_bytes) * u64::from(defrag_lwm_pct) / 100,
+            urgent_max_live_bytes: (u64::from(block_bytes) * URGENT_DEFRAG_MAX_LIVE_PCT / 100)
+                .max(u64::from(block_bytes) * u64::from(defrag_lwm_pct) / 100),
         }
     }
 
@@ -177,12 +191,7 @@ impl BlockTable {
     /// the free blocks left are reserved for higher-priority purposes.
     pub fn allocate(&self, purpose: Purpose) -> Option<(u32, u64)> {
         let mut lists = self.lists();
-        let keep = match purpose {
-            Purpose::Write => self.reserves.stop_writes_blocks,
-            Purpose::Delete => self.reserves.defrag_reserve_blocks,
-            Purpose::Defrag => 0,
-        };
-        if lists.free.len() as u32 <= keep {
+        if lists.free.len() as u32 <= self.keep_for(purpose) {
             return None;
         }
         let block = lists.free.pop()?;
@@ -200,12 +209,7 @@ impl BlockTable {
 
     /// Whether an allocation for `purpose` would succeed now.
     pub fn can_allocate(&self, purpose: Purpose) -> bool {
-        let keep = match purpose {
-            Purpose::Write => self.reserves.stop_writes_blocks,
-            Purpose::Delete => self.reserves.defrag_reserve_blocks,
-            Purpose::Defrag => 0,
-        };
-        self.free_count() as u32 > keep
+        self.free_count() as u32 > self.keep_for(purpose)
     }
 
     /// Number of free blocks.
@@ -264,22 +268,79 @@ impl BlockTable {
         }
     }
 
-    /// Takes the emptiest used block below the defrag low-water mark, marking it Defrag.
+    /// Whether free space is low enough that defrag must run flat out (see
+    /// [`Reserves::defrag_urgent_blocks`]).
+    pub fn defrag_is_urgent(&self) -> bool {
+        self.free_count() as u32 <= self.reserves.defrag_urgent_blocks
+    }
+
+    /// Takes the emptiest used block below the defrag low-water mark (below
+    /// [`URGENT_DEFRAG_MAX_LIVE_PCT`] when defrag is urgent), marking it Defrag.
     pub fn take_defrag_candidate(&self) -> Option<u32> {
-        let _lists = self.lists();
+        let lists = self.lists();
+        let urgent = lists.free.len() as u32 <= self.reserves.defrag_urgent_blocks;
+        let below = if urgent { self.urgent_max_live_bytes } else { self.defrag_lwm_bytes };
+        let (_, block) = self.emptiest_used_below(below)?;
+        self.slots[block as usize].state.store(BlockState::Defrag as u8, Ordering::SeqCst);
+        Some(block)
+    }
+
+    fn emptiest_used_below(&self, below: u64) -> Option<(u64, u32)> {
         let mut best: Option<(u64, u32)> = None;
         for b in 0..self.len() {
             if self.state(b) != BlockState::Used {
                 continue;
             }
             let live = self.live_bytes(b);
-            if live > 0 && live < self.defrag_lwm_bytes && best.is_none_or(|(l, _)| live < l) {
+            if live > 0 && live < below && best.is_none_or(|(l, _)| live < l) {
                 best = Some((live, b));
             }
         }
-        let (_, block) = best?;
-        self.slots[block as usize].state.store(BlockState::Defrag as u8, Ordering::SeqCst);
-        Some(block)
+        best
+    }
+
+    /// Waits up to `timeout` until an allocation for `purpose` would succeed, as long as space
+    /// is on its way back (see [`BlockTable::space_is_reclaimable`]). Returns at once when
+    /// space is free or when nothing can be reclaimed; returns whether space is free. Callers
+    /// must hold no lock the defragmenter or the flushers take.
+    pub fn wait_for_space(&self, purpose: Purpose, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.can_allocate(purpose) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || !self.space_is_reclaimable() {
+                return false;
+            }
+            let lists = self.lists();
+            // Re-checked under the lock a release takes, so a wakeup cannot slip by.
+            if lists.free.len() as u32 > self.keep_for(purpose) {
+                return true;
+            }
+            // Wakes on every release; short slices also cover reclaim that ends without one.
+            let slice = (deadline - now).min(Duration::from_millis(5));
+            drop(self.freed.wait_timeout(lists, slice).unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
+    fn keep_for(&self, purpose: Purpose) -> u32 {
+        match purpose {
+            Purpose::Write => self.reserves.stop_writes_blocks,
+            Purpose::Delete => self.reserves.defrag_reserve_blocks,
+            Purpose::Defrag => 0,
+        }
+    }
+
+    /// Whether space the writers cannot use yet is on its way back: blocks waiting for their
+    /// killers to be durable, blocks under defrag, or blocks urgent defrag would take. When
+    /// writes are refused for want of free blocks, this tells "defrag is behind" (retry) from
+    /// "the device is full of live data".
+    pub fn space_is_reclaimable(&self) -> bool {
+        let lists = self.lists();
+        !lists.pending.is_empty()
+            || (0..self.len()).any(|b| self.state(b) == BlockState::Defrag)
+            || self.emptiest_used_below(self.urgent_max_live_bytes).is_some()
     }
 
     /// Defrag of the block ended: empty blocks wait for their killers to be durable, others
@@ -322,7 +383,12 @@ impl BlockTable {
             }
             !safe
         });
-        free.len() - before
+        let released = free.len() - before;
+        drop(lists);
+        if released > 0 {
+            self.freed.notify_all();
+        }
+        released
     }
 
     /// Installs the state found by recovery: `used` blocks with their sequence and live bytes
@@ -425,7 +491,13 @@ mod tests {
 
     #[test]
     fn reserves_keep_blocks_for_deletes_and_defrag() {
-        let t = BlockTable::new(6, 1 << 20, 1, Reserves { stop_writes_blocks: 3, defrag_reserve_blocks: 1 }, 50);
+        let t = BlockTable::new(
+            6,
+            1 << 20,
+            1,
+            Reserves { stop_writes_blocks: 3, defrag_reserve_blocks: 1, defrag_urgent_blocks: 3 },
+            50,
+        );
         assert!(t.allocate(Purpose::Write).is_some());
         assert!(t.allocate(Purpose::Write).is_some());
         assert!(t.allocate(Purpose::Write).is_some());
@@ -435,6 +507,55 @@ mod tests {
         assert!(t.allocate(Purpose::Delete).is_none(), "the defrag reserve is not for deletes");
         assert!(t.allocate(Purpose::Defrag).is_some());
         assert!(t.allocate(Purpose::Defrag).is_none());
+    }
+
+    fn used_block(t: &BlockTable, live: u64) -> u32 {
+        let (b, _) = t.allocate(Purpose::Defrag).unwrap();
+        t.add_live(b, live);
+        t.mark_sealed(b);
+        t.mark_used(b);
+        b
+    }
+
+    #[test]
+    fn urgent_defrag_takes_the_emptiest_block_above_the_mark_but_not_a_nearly_full_one() {
+        let reserves = Reserves { stop_writes_blocks: 2, defrag_reserve_blocks: 1, defrag_urgent_blocks: 3 };
+        let t = BlockTable::new(7, 1 << 20, 1, reserves, 50);
+        let nearly_full = used_block(&t, 1_000_000);
+        used_block(&t, 800_000);
+        let emptiest = used_block(&t, 700_000);
+        assert!(!t.defrag_is_urgent(), "4 free blocks");
+        assert_eq!(t.take_defrag_candidate(), None, "nothing is below the low-water mark");
+        used_block(&t, 950_000);
+        assert!(t.defrag_is_urgent(), "3 free blocks");
+        assert_eq!(t.take_defrag_candidate(), Some(emptiest));
+        assert_eq!(t.take_defrag_candidate().map(|b| t.live_bytes(b)), Some(800_000));
+        assert_eq!(t.take_defrag_candidate(), None, "over 90 % live is not worth moving");
+        assert_eq!(t.state(nearly_full), BlockState::Used);
+    }
+
+    #[test]
+    fn writers_wait_for_reclaimable_space_but_not_for_a_full_device() {
+        let reserves = Reserves { stop_writes_blocks: 1, defrag_reserve_blocks: 0, defrag_urgent_blocks: 1 };
+        let t = std::sync::Arc::new(BlockTable::new(3, 1 << 20, 1, reserves, 50));
+        let full = used_block(&t, 1 << 20);
+        let dying = used_block(&t, 1_000_000);
+        let started = Instant::now();
+        assert!(!t.wait_for_space(Purpose::Write, Duration::from_secs(5)), "both blocks are nearly all live");
+        assert!(started.elapsed() < Duration::from_secs(1), "nothing reclaimable: no wait");
+        assert_eq!(t.state(full), BlockState::Used);
+        t.remove_live(dying, 1_000_000, Stream::Client, write_pos(9, 64));
+        assert!(t.space_is_reclaimable(), "the emptied block waits for its killer");
+        let releaser = {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                t.set_durable(Stream::Client, write_pos(9, 64))
+            })
+        };
+        assert!(t.wait_for_space(Purpose::Write, Duration::from_secs(5)));
+        assert_eq!(releaser.join().unwrap(), 1);
+        assert!(t.can_allocate(Purpose::Write));
     }
 
     #[test]

@@ -15,6 +15,8 @@ use crate::io::IoOptions;
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// Fewest write blocks a device may have.
 pub const BLOCKS_PER_DEVICE_MIN: u64 = 4;
+/// Upper bound of `defrag_wait_ms`: a write should fail long before a client times out.
+pub const MAX_DEFRAG_WAIT_MS: u64 = 10_000;
 
 /// One device of the namespace.
 #[derive(Clone, Debug)]
@@ -68,6 +70,9 @@ pub struct EngineConfig {
     pub defrag_lwm_pct: u32,
     /// Defrag pauses this long per MiB of block it has processed (pacing against client I/O).
     pub defrag_sleep_us: u64,
+    /// A write that finds no free block while defrag is still reclaiming dead space waits up
+    /// to this long for one (blocking the caller), then fails with "device overload".
+    pub defrag_wait_ms: u64,
     /// Ordinary writes fail with "device full" once free blocks fall to this percentage.
     pub stop_writes_avail_pct: u32,
     /// Free blocks kept for defragmentation alone (percentage, at least 2 blocks): deletes may
@@ -118,6 +123,7 @@ impl EngineConfig {
             format_foreign_devices: false,
             defrag_lwm_pct: 50,
             defrag_sleep_us: 1000,
+            defrag_wait_ms: 200,
             stop_writes_avail_pct: 5,
             defrag_reserve_pct: 1,
             expiry_period_s: 60,
@@ -147,9 +153,12 @@ impl EngineConfig {
         let pct = |p: u32| (u64::from(blocks) * u64::from(p)).div_ceil(100) as u32;
         let defrag = pct(self.defrag_reserve_pct).max(2).min(blocks / 4);
         // Deletes (tombstones) get at least two blocks between stop-writes and the defrag reserve.
+        let stop_writes = pct(self.stop_writes_avail_pct).max(defrag + 2);
         crate::blocks::Reserves {
-            stop_writes_blocks: pct(self.stop_writes_avail_pct).max(defrag + 2),
+            stop_writes_blocks: stop_writes,
             defrag_reserve_blocks: defrag,
+            // Defrag goes flat out before writes stop, with room to catch up in between.
+            defrag_urgent_blocks: stop_writes * 2,
         }
     }
 
@@ -197,6 +206,9 @@ impl EngineConfig {
             if depth == 0 || depth > 64 {
                 return bad(format!("{name} must be 1 to 64, got {depth}"));
             }
+        }
+        if self.defrag_wait_ms > MAX_DEFRAG_WAIT_MS {
+            return bad(format!("defrag_wait_ms must be at most {MAX_DEFRAG_WAIT_MS}, got {}", self.defrag_wait_ms));
         }
         if self.defrag_lwm_pct == 0 || self.defrag_lwm_pct > 90 {
             return bad(format!("defrag_lwm_pct must be 1 to 90, got {}", self.defrag_lwm_pct));

@@ -1,4 +1,5 @@
-//! Defragmentation of one device: take the emptiest used block below the low-water mark, read
+//! Defragmentation of one device: take the emptiest used block below the low-water mark (or,
+//! when free space runs low, the emptiest block worth moving, without pacing), read
 //! it with one large read (or from memory when it is still cached), and move every record the
 //! index still points at into the device's defrag write stream, which never mixes with client
 //! writes. A record is repointed only if its index entry did not change meanwhile (checked
@@ -34,6 +35,8 @@ pub struct DefragCounters {
     pub records_moved: AtomicU64,
     /// Record bytes moved (written again through the defrag stream).
     pub bytes_moved: AtomicU64,
+    /// Blocks processed without pacing because free space was low.
+    pub urgent_blocks: AtomicU64,
 }
 
 /// A flag the background threads wait on; set once at shutdown.
@@ -102,6 +105,16 @@ impl Defragmenter {
             let processed = self.defrag_block(block);
             self.blocks.finish_defrag(block);
             self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+            // Paced against client I/O, unless free space is running out: then the moves are
+            // made durable at once, so the source block is freed now rather than when the
+            // defrag stream's open block next fills or times out.
+            if self.blocks.defrag_is_urgent() {
+                self.counters.urgent_blocks.fetch_add(1, Ordering::Relaxed);
+                if let Ok(Err(e)) = self.writer.flush().wait() {
+                    tracing::error!(device = %self.label, error = %e, "defrag could not flush its moves");
+                }
+                continue;
+            }
             let pause = self.sleep_per_mib * (processed.div_ceil(1 << 20) as u32).max(1);
             if self.stop.sleep(pause) {
                 return;

@@ -151,6 +151,8 @@ pub struct DeviceStats {
     pub overloads: u64,
     /// Blocks defragmented.
     pub defrag_blocks: u64,
+    /// Of those, blocks defragmented without pacing because free space was low.
+    pub defrag_urgent_blocks: u64,
     /// Bytes read by defrag.
     pub defrag_read_bytes: u64,
     /// Records moved by defrag.
@@ -218,27 +220,7 @@ impl Engine {
     pub fn open(config: EngineConfig) -> Result<Engine> {
         config.validate()?;
         let started = Instant::now();
-        let mut opened = Vec::new();
-        for (i, spec) in config.devices.iter().enumerate() {
-            let dev = device::open_device(&spec.path, spec.file_size_bytes, config.device_lock_wait_ms)?;
-            let label = spec.path.display().to_string();
-            let control = dev.file.try_clone().map_err(|e| Error::io(format!("duplicating {label}"), e))?;
-            let cpus = &config.io.io_thread_cpus;
-            let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
-            let io = io::open_backend(dev.file, &config.io, &label, dev.granule, cpu)
-                .map_err(|e| Error::io(format!("starting I/O for {label}"), e))?;
-            let probe = probe_header(&io, &label, dev.size_bytes)?;
-            opened.push(Opened {
-                path: spec.path.clone(),
-                label,
-                kind: dev.kind,
-                size_bytes: dev.size_bytes,
-                created: dev.created,
-                control,
-                io,
-                probe,
-            });
-        }
+        let mut opened = Self::open_devices(&config)?;
         let (headers, formatted) = Self::verify_or_format(&config, &mut opened)?;
         let index = Arc::new(Index::new());
         let sets = SetRegistry::default();
@@ -450,6 +432,13 @@ impl Engine {
                 tracing::warn!(device = %path.display(), %detail, "reformatting device as configured");
             }
         }
+        Ok((Self::format_devices(config, opened)?, true))
+    }
+
+    /// Writes fresh headers (a new device set) on every device, sizing and zero-filling new
+    /// files. Everything the devices held is gone afterwards.
+    fn format_devices(config: &EngineConfig, opened: &mut [Opened]) -> Result<Vec<(DeviceHeader, usize)>> {
+        let count = opened.len();
         let set_id = new_device_set_id();
         let now = config.clock.now_unix_ms();
         let mut out = Vec::new();
@@ -494,7 +483,41 @@ impl Engine {
             tracing::info!(device = %o.label, size, blocks, "formatted device");
             out.push((header, 0));
         }
-        Ok((out, true))
+        Ok(out)
+    }
+
+    /// Formats the configured devices as a new, empty namespace, whatever they held (used by
+    /// `peregrine-tool format`). Fails if a device is in use.
+    pub fn format(config: &EngineConfig) -> Result<()> {
+        config.validate()?;
+        let mut opened = Self::open_devices(config)?;
+        Self::format_devices(config, &mut opened)?;
+        Ok(())
+    }
+
+    fn open_devices(config: &EngineConfig) -> Result<Vec<Opened>> {
+        let mut opened = Vec::new();
+        for (i, spec) in config.devices.iter().enumerate() {
+            let dev = device::open_device(&spec.path, spec.file_size_bytes, config.device_lock_wait_ms)?;
+            let label = spec.path.display().to_string();
+            let control = dev.file.try_clone().map_err(|e| Error::io(format!("duplicating {label}"), e))?;
+            let cpus = &config.io.io_thread_cpus;
+            let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+            let io = io::open_backend(dev.file, &config.io, &label, dev.granule, cpu)
+                .map_err(|e| Error::io(format!("starting I/O for {label}"), e))?;
+            let probe = probe_header(&io, &label, dev.size_bytes)?;
+            opened.push(Opened {
+                path: spec.path.clone(),
+                label,
+                kind: dev.kind,
+                size_bytes: dev.size_bytes,
+                created: dev.created,
+                control,
+                io,
+                probe,
+            });
+        }
+        Ok(opened)
     }
 
     fn recover(
@@ -607,6 +630,7 @@ impl Engine {
                     write_queue_bytes: d.writer.queued_bytes(),
                     overloads: w.overloads.load(Ordering::Relaxed),
                     defrag_blocks: d.defrag.blocks.load(Ordering::Relaxed),
+                    defrag_urgent_blocks: d.defrag.urgent_blocks.load(Ordering::Relaxed),
                     defrag_read_bytes: d.defrag.read_bytes.load(Ordering::Relaxed),
                     defrag_records_moved: d.defrag.records_moved.load(Ordering::Relaxed),
                     defrag_bytes_written: d.defrag.bytes_moved.load(Ordering::Relaxed),

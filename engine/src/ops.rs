@@ -8,6 +8,7 @@
 //! `WRITE_ATTEMPTS_MAX` tries the write fails with "key busy". No lock is held across I/O.
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use peregrine_index::{Digest, Entry, EntryFlags, PartitionId};
 
@@ -345,14 +346,33 @@ impl Engine {
         let set_id = self.inner.sets.id_for(set_name)?;
         let meta = *version.meta();
         let dev = &self.inner.devices[device_for(&digest, self.inner.devices.len())];
-        let mut table = self.inner.index.write(digest.partition());
-        let (current, hint) = table.lookup(&digest);
-        if let Expect::Exactly(expected) = expect
-            && current != expected
-        {
-            return Ok(None);
-        }
-        let appended = dev.writer.append(&mut bytes, durable, purpose)?;
+        let wait_deadline = Instant::now() + Duration::from_millis(self.inner.config.defrag_wait_ms);
+        let (mut table, current, hint, appended) = loop {
+            let table = self.inner.index.write(digest.partition());
+            let (current, hint) = table.lookup(&digest);
+            if let Expect::Exactly(expected) = expect
+                && current != expected
+            {
+                return Ok(None);
+            }
+            match dev.writer.append(&mut bytes, durable, purpose) {
+                Ok(appended) => break (table, current, hint, appended),
+                // Out of free blocks while defrag reclaims dead space: wait for it (without
+                // the partition lock, which defrag needs), then try again.
+                Err(e @ Error::DeviceOverload(_)) => {
+                    drop(table);
+                    let now = Instant::now();
+                    let blocks = dev.writer.blocks();
+                    if now >= wait_deadline
+                        || blocks.can_allocate(purpose)
+                        || !blocks.wait_for_space(purpose, wait_deadline - now)
+                    {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let entry = Entry {
             digest,
             set_id,

@@ -352,6 +352,15 @@ impl Writer {
             )));
         }
         let Some((block, sequence)) = self.blocks.allocate(purpose) else {
+            if self.blocks.space_is_reclaimable() {
+                self.counters.overloads.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::DeviceOverload(format!(
+                    "{}: {} of {} write blocks free and defrag is still reclaiming dead space; retry",
+                    self.label,
+                    self.blocks.free_count(),
+                    self.blocks.len()
+                )));
+            }
             let r = self.blocks.reserves();
             return Err(Error::DeviceFull(format!(
                 "{}: {} of {} write blocks free; ordinary writes stop at {} (stop_writes_avail_pct), deletes at {} (the defrag reserve)",

@@ -222,15 +222,23 @@ impl Client {
         namespace: &str,
         set: &str,
         digest: &[u8; 20],
+        key: Option<(u8, &[u8])>,
         bins: &[WireBin],
         op_type: u8,
     ) -> Vec<u8> {
         let mut buf = Vec::with_capacity(64 + bins.iter().map(|b| b.2.len() + 24).sum::<usize>());
         let start = begin_frame(&mut buf, msg_type::MESSAGE);
-        put_msg_header(&mut buf, &MsgHeader { n_fields: 3, n_ops: bins.len() as u16, ..*header });
+        let n_fields = 3 + u16::from(key.is_some());
+        put_msg_header(&mut buf, &MsgHeader { n_fields, n_ops: bins.len() as u16, ..*header });
         put_field(&mut buf, field::NAMESPACE, namespace.as_bytes());
         put_field(&mut buf, field::SET, set.as_bytes());
         put_field(&mut buf, field::DIGEST, digest);
+        if let Some((pt, bytes)) = key {
+            let mut data = Vec::with_capacity(bytes.len() + 1);
+            data.push(pt);
+            data.extend_from_slice(bytes);
+            put_field(&mut buf, field::KEY, &data);
+        }
         for (name, pt, value) in bins {
             put_op(&mut buf, op_type, *pt, name, value);
         }
@@ -248,13 +256,28 @@ impl Client {
         mode: WriteMode,
         ttl_s: Option<u32>,
     ) -> Result<(), ClientError> {
+        self.put_with_key(namespace, set, digest, None, bins, mode, ttl_s).await
+    }
+
+    /// Writes bins and stores the user key (particle type, bytes) with the record.
+    #[allow(clippy::too_many_arguments, reason = "one write's parts")]
+    pub async fn put_with_key(
+        &self,
+        namespace: &str,
+        set: &str,
+        digest: &[u8; 20],
+        key: Option<(u8, &[u8])>,
+        bins: &[WireBin],
+        mode: WriteMode,
+        ttl_s: Option<u32>,
+    ) -> Result<(), ClientError> {
         let header = MsgHeader {
             info2: info2::WRITE,
             info3: if mode == WriteMode::Replace { info3::CREATE_OR_REPLACE } else { 0 },
             record_ttl: ttl_s.map_or(0, |t| if t == 0 { TTL_NEVER_EXPIRE } else { t }),
             ..MsgHeader::default()
         };
-        let frame = Self::request(&header, namespace, set, digest, bins, op::WRITE);
+        let frame = Self::request(&header, namespace, set, digest, key, bins, op::WRITE);
         let reply = self.call(&*self.node_for(namespace, digest)?, &frame).await?;
         let (m, _) = decode_message(&reply).map_err(|e| ClientError::Protocol(e.to_string()))?;
         match m.header.result_code {
@@ -271,7 +294,7 @@ impl Client {
         digest: &[u8; 20],
     ) -> Result<Option<Vec<WireBin>>, ClientError> {
         let header = MsgHeader { info1: info1::READ | info1::GET_ALL, ..MsgHeader::default() };
-        let frame = Self::request(&header, namespace, set, digest, &[], op::READ);
+        let frame = Self::request(&header, namespace, set, digest, None, &[], op::READ);
         let reply = self.call(&*self.node_for(namespace, digest)?, &frame).await?;
         let (m, _) = decode_message(&reply).map_err(|e| ClientError::Protocol(e.to_string()))?;
         match m.header.result_code {

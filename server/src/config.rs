@@ -131,6 +131,9 @@ pub struct NamespaceConfig {
     /// Defrag pause per MiB processed.
     #[serde(default)]
     pub defrag_sleep_us: Option<u64>,
+    /// How long a write waits for defrag to free a block before "device overload".
+    #[serde(default)]
+    pub defrag_wait_ms: Option<u64>,
     /// Ordinary writes stop at this free-block percentage.
     #[serde(default)]
     pub stop_writes_avail_pct: Option<u32>,
@@ -183,6 +186,7 @@ impl NamespaceConfig {
             format_foreign_devices: None,
             defrag_lwm_pct: None,
             defrag_sleep_us: None,
+            defrag_wait_ms: None,
             stop_writes_avail_pct: None,
             defrag_reserve_pct: None,
             expiry_period_s: None,
@@ -227,6 +231,7 @@ impl NamespaceConfig {
             format_foreign_devices,
             defrag_lwm_pct,
             defrag_sleep_us,
+            defrag_wait_ms,
             stop_writes_avail_pct,
             defrag_reserve_pct,
             expiry_period_s,

@@ -164,7 +164,7 @@ impl Metrics {
         }
         for (ns, engine) in engines {
             let s = engine.stats();
-            let per_ns: [(&str, u64); 10] = [
+            let per_ns: [(&str, u64); 14] = [
                 ("records", s.records),
                 ("tombstones", s.tombstones),
                 ("index_bytes", s.index_bytes),
@@ -174,6 +174,10 @@ impl Metrics {
                 ("corruption_errors_total", s.corruption_errors),
                 ("read_retries_total", s.read_retries),
                 ("write_retries_total", s.write_retries),
+                ("expired_total", s.expired),
+                ("evicted_total", s.evicted),
+                ("tombstones_dropped_total", s.tombstones_dropped),
+                ("stop_writes", u64::from(s.stop_writes)),
                 ("devices", s.devices.len() as u64),
             ];
             for (name, v) in per_ns {
@@ -192,6 +196,14 @@ impl Metrics {
                     ("appended_bytes_total", d.appended_bytes),
                     ("write_queue_bytes", d.write_queue_bytes),
                     ("overloads_total", d.overloads),
+                    ("blocks_pending_free", d.blocks.pending_free),
+                    ("blocks_defrag_eligible", d.blocks.defrag_eligible),
+                    ("defrag_blocks_total", d.defrag_blocks),
+                    ("defrag_urgent_blocks_total", d.defrag_urgent_blocks),
+                    ("defrag_read_bytes_total", d.defrag_read_bytes),
+                    ("defrag_records_moved_total", d.defrag_records_moved),
+                    ("defrag_write_bytes_total", d.defrag_device_write_bytes),
+                    ("stop_writes", u64::from(d.stop_writes)),
                 ] {
                     let _ = writeln!(out, "peregrine_device_{name}{{{labels}}} {v}");
                 }

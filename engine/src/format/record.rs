@@ -151,6 +151,27 @@ impl std::fmt::Display for Defect {
     }
 }
 
+/// What can still be read from the header of a record that failed verification: enough to
+/// name it in a report. `None` when the bytes do not even start with the record magic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DamagedHeader {
+    /// The digest the header claims.
+    pub digest: Digest,
+    /// The length the header claims.
+    pub length: u32,
+}
+
+/// Reads the claimed digest and length of a record that may be damaged (no verification).
+pub fn damaged_header(bytes: &[u8]) -> Option<DamagedHeader> {
+    let h = bytes.get(..HEADER_BYTES)?;
+    if get_u32(h, MAGIC_FIELD) != MAGIC {
+        return None;
+    }
+    let mut d = [0u8; DIGEST_LEN];
+    d.copy_from_slice(&h[DIGEST.offset..DIGEST.end()]);
+    Some(DamagedHeader { digest: Digest(d), length: get_u32(h, LENGTH) })
+}
+
 /// A verified record in a byte buffer, decoded lazily.
 #[derive(Clone, Copy, Debug)]
 pub struct RecordView<'a> {
