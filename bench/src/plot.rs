@@ -59,6 +59,8 @@ fn panel(svg: &mut String, top: f64, label: &str, t_max: f64, series: &[Series<'
     let h = PANEL_HEIGHT;
     let all: Vec<f64> = series.iter().flat_map(|s| s.values.iter().map(|v| v.1)).collect();
     let y_max = all.iter().copied().fold(1.0, f64::max) * 1.1;
+    // Log scale: at least a decade tall, bottom at the smallest value (but not below 1 µs).
+    let y_max = if log { y_max.max(10.0) } else { y_max };
     let y_min = if log { all.iter().copied().fold(f64::MAX, f64::min).clamp(1.0, y_max / 10.0) } else { 0.0 };
     let scale_y = |v: f64| {
         if log {
@@ -153,5 +155,23 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 8);
         assert!(svg.contains("&lt;test&gt;"));
+    }
+
+    #[test]
+    fn renders_write_only_runs_with_microsecond_latencies() {
+        // Appends into RAM: every percentile 1-2 µs, and no reads at all.
+        let points: Vec<Point> = (1..=3)
+            .map(|i| Point {
+                t: f64::from(i),
+                reads_per_s: 0.0,
+                writes_per_s: 300_000.0,
+                read_us: [0, 0, 0],
+                write_us: [1, 2, 2],
+            })
+            .collect();
+        let svg = render("RR,0", &points);
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+        assert_eq!(svg.matches("<polyline").count(), 2 + 3, "both throughputs and the three write percentiles");
     }
 }

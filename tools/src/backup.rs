@@ -4,8 +4,8 @@
 //! File layout (little-endian): "PGBACKUP", u32 version 1, u8 namespace length, namespace; then
 //! per record u32 length and the record in the device record format with its checksum seeded
 //! with 0; then u32 0xFFFFFFFF, u64 record count and u64 xxh3 of every byte before the marker.
-//! A restore reads the whole file and checks every checksum and the trailer before it writes
-//! anything, so a damaged backup is refused without touching the target.
+//! A restore streams the file twice: once to check every checksum and the trailer, then to
+//! write, so a damaged backup is refused without touching the target, in constant memory.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
@@ -21,6 +21,8 @@ use crate::image::{DeviceImage, newest_copies, progress};
 const MAGIC: &[u8; 8] = b"PGBACKUP";
 const VERSION: u32 = 1;
 const TRAILER_MARKER: u32 = u32::MAX;
+/// No record in a backup is larger than this (the largest write block).
+const MAX_BACKUP_RECORD_BYTES: u32 = 8 << 20;
 
 struct HashingWriter<W: Write> {
     inner: W,
@@ -91,76 +93,116 @@ pub fn backup(devices: &[DeviceImage], out: &Path) -> Result<u64, String> {
     Ok(count)
 }
 
-/// A checked backup, held in memory record by record.
-pub struct Backup {
+/// What a backup file holds.
+#[derive(Debug, Clone)]
+pub struct BackupSummary {
     /// Namespace it was taken from.
     pub namespace: String,
-    /// Every record.
-    pub records: Vec<Record>,
+    /// Records in it.
+    pub records: u64,
 }
 
-/// Reads and checks a backup file completely; any damage is an error naming what failed.
-pub fn read_backup(path: &Path) -> Result<Backup, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut r = BufReader::new(file);
-    let mut hash = Xxh3::new();
-    let damaged = |what: &str| format!("backup {} is damaged: {what}", path.display());
-    let mut read = |n: usize, hash: &mut Xxh3, hashed: bool| -> Result<Vec<u8>, String> {
-        let mut b = vec![0u8; n];
-        r.read_exact(&mut b).map_err(|_| damaged("it ends early (truncated?)"))?;
-        if hashed {
-            hash.update(&b);
+/// A backup file being read, hashing what the trailer covers.
+struct BackupReader<'a> {
+    path: &'a Path,
+    input: BufReader<std::fs::File>,
+    hash: Xxh3,
+    buf: Vec<u8>,
+}
+
+impl BackupReader<'_> {
+    fn damaged(&self, what: &str) -> String {
+        format!("backup {} is damaged: {what}", self.path.display())
+    }
+
+    /// The next `n` bytes (hashed unless `hashed` is false).
+    fn bytes(&mut self, n: usize, hashed: bool) -> Result<&[u8], String> {
+        self.buf.resize(n, 0);
+        if self.input.read_exact(&mut self.buf).is_err() {
+            return Err(self.damaged("it ends early (truncated?)"));
         }
-        Ok(b)
-    };
-    if read(8, &mut hash, true)? != MAGIC {
+        if hashed {
+            self.hash.update(&self.buf);
+        }
+        Ok(&self.buf)
+    }
+
+    fn u32(&mut self, hashed: bool) -> Result<u32, String> {
+        let b = self.bytes(4, hashed)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.bytes(8, false)?;
+        Ok(u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+    }
+}
+
+/// Streams a backup file, handing each record to `each`; any damage is an error naming what
+/// failed. Damage is found only as the stream reaches it, so callers that write should run
+/// [`check_backup`] first.
+pub fn read_backup(path: &Path, mut each: impl FnMut(Record) -> Result<(), String>) -> Result<BackupSummary, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut r = BackupReader { path, input: BufReader::new(file), hash: Xxh3::new(), buf: Vec::new() };
+    if r.bytes(8, true)? != MAGIC {
         return Err(format!("{} is not a Peregrine backup", path.display()));
     }
-    let version = u32::from_le_bytes(read(4, &mut hash, true)?.try_into().map_err(|_| damaged("version"))?);
+    let version = r.u32(true)?;
     if version != VERSION {
         return Err(format!("backup {} has version {version}; this tool reads version {VERSION}", path.display()));
     }
-    let ns_len = read(1, &mut hash, true)?[0] as usize;
-    let namespace = String::from_utf8(read(ns_len, &mut hash, true)?).map_err(|_| damaged("namespace"))?;
-    let mut records = Vec::new();
+    let ns_len = r.bytes(1, true)?[0] as usize;
+    let namespace = String::from_utf8(r.bytes(ns_len, true)?.to_vec()).map_err(|_| r.damaged("namespace"))?;
+    let mut records = 0u64;
     loop {
-        let len = u32::from_le_bytes(read(4, &mut hash, false)?.try_into().map_err(|_| damaged("length"))?);
+        let len = r.u32(false)?;
         if len == TRAILER_MARKER {
             break;
         }
-        if (len as usize) < record::HEADER_BYTES || len > 64 << 20 {
-            return Err(damaged(&format!("record {} has an impossible length {len}", records.len())));
+        if (len as usize) < record::HEADER_BYTES || len > MAX_BACKUP_RECORD_BYTES {
+            return Err(r.damaged(&format!("record {records} has an impossible length {len}")));
         }
-        hash.update(&len.to_le_bytes());
-        let bytes = read(len as usize, &mut hash, true)?;
-        let view = record::parse(&bytes, 0).map_err(|e| damaged(&format!("record {}: {e}", records.len())))?;
-        match view.to_version() {
-            RecordVersion::Live(rec) => records.push(rec),
-            RecordVersion::Tombstone { .. } => return Err(damaged("it holds a tombstone")),
+        r.hash.update(&len.to_le_bytes());
+        let parsed = record::parse(r.bytes(len as usize, true)?, 0).map(|view| view.to_version());
+        match parsed {
+            Ok(RecordVersion::Live(rec)) => each(rec)?,
+            Ok(RecordVersion::Tombstone { .. }) => return Err(r.damaged("it holds a tombstone")),
+            Err(e) => return Err(r.damaged(&format!("record {records}: {e}"))),
         }
+        records += 1;
     }
-    let count = u64::from_le_bytes(read(8, &mut hash, false)?.try_into().map_err(|_| damaged("trailer"))?);
-    let digest = u64::from_le_bytes(read(8, &mut hash, false)?.try_into().map_err(|_| damaged("trailer"))?);
-    if count != records.len() as u64 {
-        return Err(damaged(&format!("the trailer counts {count} records, the file holds {}", records.len())));
+    let count = r.u64()?;
+    let digest = r.u64()?;
+    if count != records {
+        return Err(r.damaged(&format!("the trailer counts {count} records, the file holds {records}")));
     }
-    if digest != hash.digest() {
-        return Err(damaged("the checksum over the file does not match"));
+    if digest != r.hash.digest() {
+        return Err(r.damaged("the checksum over the file does not match"));
     }
-    Ok(Backup { namespace, records })
+    if r.input.read(&mut [0u8; 1]).map_err(|e| format!("{}: {e}", path.display()))? != 0 {
+        return Err(r.damaged("bytes follow the trailer"));
+    }
+    Ok(BackupSummary { namespace, records })
 }
 
-/// Restores into an engine on `config`'s devices (versions kept exactly).
-pub fn restore_to_engine(backup: &Backup, config: EngineConfig) -> Result<u64, String> {
+/// Reads a whole backup file and checks every record and the trailer, keeping nothing.
+pub fn check_backup(path: &Path) -> Result<BackupSummary, String> {
+    read_backup(path, |_| Ok(()))
+}
+
+/// Restores the checked backup at `path` into an engine on `config`'s devices (versions kept
+/// exactly: generation, last-update and void time).
+pub fn restore_to_engine(path: &Path, summary: &BackupSummary, config: EngineConfig) -> Result<u64, String> {
     let engine = Engine::open(config).map_err(|e| e.to_string())?;
-    let bar = progress(backup.records.len() as u64, "restoring");
-    for r in &backup.records {
+    let bar = progress(summary.records, "restoring");
+    let n = read_backup(path, |r| {
         engine.apply_version(&RecordVersion::Live(r.clone())).map_err(|e| format!("restoring {}: {e}", r.digest))?;
         bar.inc(1);
-    }
+        Ok(())
+    })?;
     bar.finish_and_clear();
     engine.close().map_err(|e| e.to_string())?;
-    Ok(backup.records.len() as u64)
+    Ok(n.records)
 }
 
 /// Wire bytes of a value (integers and floats big-endian).
@@ -175,22 +217,57 @@ fn wire_value(v: &Value) -> (u8, Vec<u8>) {
     }
 }
 
-/// Restores into a server or cluster: bins, user key and remaining TTL of each record.
-pub async fn restore_to_hosts(backup: &Backup, seeds: &[std::net::SocketAddr], namespace: &str) -> Result<u64, String> {
-    use peregrine_proto::client::{Client, WriteMode};
-    let client =
-        Client::connect(seeds, std::time::Duration::from_secs(5)).await.map_err(|e| format!("connecting: {e}"))?;
+/// Restores the checked backup at `path` into a server or cluster: bins, user key and
+/// remaining TTL of each record (records expired since the backup are skipped), with up to
+/// [`RESTORE_IN_FLIGHT`] writes in flight. Generation and last-update time are the server's.
+pub fn restore_to_hosts(
+    path: &Path,
+    summary: &BackupSummary,
+    seeds: &[std::net::SocketAddr],
+    namespace: &str,
+) -> Result<u64, String> {
+    use peregrine_proto::client::Client;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let client = std::sync::Arc::new(
+        rt.block_on(Client::connect(seeds, std::time::Duration::from_secs(5)))
+            .map_err(|e| format!("connecting: {e}"))?,
+    );
+    let namespace: std::sync::Arc<str> = namespace.into();
     let now = SystemClock.now_void_s();
-    let bar = progress(backup.records.len() as u64, "restoring");
-    let mut n = 0;
-    for r in &backup.records {
+    let bar = progress(summary.records, "restoring");
+    let mut batch = Vec::with_capacity(RESTORE_IN_FLIGHT);
+    let mut restored = 0u64;
+    read_backup(path, |r| {
+        batch.push(r);
+        if batch.len() == RESTORE_IN_FLIGHT {
+            restored += rt.block_on(put_all(&client, &namespace, &mut batch, now))?;
+            bar.set_position(restored);
+        }
+        Ok(())
+    })?;
+    restored += rt.block_on(put_all(&client, &namespace, &mut batch, now))?;
+    bar.finish_and_clear();
+    Ok(restored)
+}
+
+/// Writes at most this many records at once while restoring to hosts.
+pub const RESTORE_IN_FLIGHT: usize = 256;
+
+/// Writes (and drains) `records` concurrently; returns how many were written (expired ones
+/// are skipped).
+async fn put_all(
+    client: &std::sync::Arc<peregrine_proto::client::Client>,
+    namespace: &std::sync::Arc<str>,
+    records: &mut Vec<Record>,
+    now_void_s: u32,
+) -> Result<u64, String> {
+    use peregrine_proto::client::WriteMode;
+    let mut puts = tokio::task::JoinSet::new();
+    for r in records.drain(..) {
         let ttl = match r.meta.void_time {
-            0 => Some(0),
-            v if v <= now => {
-                bar.inc(1);
-                continue; // expired since the backup
-            }
-            v => Some(v - now),
+            0 => 0,
+            v if v <= now_void_s => continue, // expired since the backup
+            v => v - now_void_s,
         };
         let bins: Vec<_> = r
             .bins
@@ -200,15 +277,20 @@ pub async fn restore_to_hosts(backup: &Backup, seeds: &[std::net::SocketAddr], n
                 (b.name.as_bytes().to_vec(), pt, bytes)
             })
             .collect();
-        let set = String::from_utf8_lossy(&r.set_name).into_owned();
-        let key = r.key.as_ref().map(|k| (k.particle_type, k.bytes.as_slice()));
-        client
-            .put_with_key(namespace, &set, &r.digest.0, key, &bins, WriteMode::Replace, ttl)
-            .await
-            .map_err(|e| format!("restoring {}: {e}", r.digest))?;
-        n += 1;
-        bar.inc(1);
+        let (client, namespace) = (client.clone(), namespace.clone());
+        puts.spawn(async move {
+            let set = String::from_utf8_lossy(&r.set_name).into_owned();
+            let key = r.key.as_ref().map(|k| (k.particle_type, k.bytes.as_slice()));
+            client
+                .put_with_key(&namespace, &set, &r.digest.0, key, &bins, WriteMode::Replace, Some(ttl))
+                .await
+                .map_err(|e| format!("restoring {}: {e}", r.digest))
+        });
     }
-    bar.finish_and_clear();
+    let mut n = 0;
+    while let Some(joined) = puts.join_next().await {
+        joined.map_err(|e| format!("a restore task failed: {e}"))??;
+        n += 1;
+    }
     Ok(n)
 }

@@ -250,13 +250,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             eprintln!("backed up {n} records to {}", out.display());
         }
         Command::Restore { file, to, hosts, namespace, device_size, write_block } => {
-            let b = backup::read_backup(&file)?;
-            let ns = namespace.unwrap_or_else(|| b.namespace.clone());
+            let summary = backup::check_backup(&file)?;
+            let ns = namespace.unwrap_or_else(|| summary.namespace.clone());
             let n = match (to, hosts) {
                 (Some(path), _) => {
                     let mut config = EngineConfig::single_file(ns, path, device_size);
                     config.write_block_bytes = write_block;
-                    backup::restore_to_engine(&b, config)?
+                    backup::restore_to_engine(&file, &summary, config)?
                 }
                 (None, Some(hosts)) => {
                     let seeds: Vec<std::net::SocketAddr> = hosts
@@ -266,11 +266,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                         .into_iter()
                         .flatten()
                         .collect();
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(|e| e.to_string())?;
-                    rt.block_on(backup::restore_to_hosts(&b, &seeds, &ns))?
+                    backup::restore_to_hosts(&file, &summary, &seeds, &ns)?
                 }
                 (None, None) => return Err("restore needs --to PATH or --hosts HOST:PORT".into()),
             };
