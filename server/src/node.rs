@@ -114,6 +114,14 @@ impl Node {
             format!("device_available_pct={avail_pct}"),
             format!("device_reads={}", s.device_reads),
             format!("corruption_errors={}", s.corruption_errors),
+            format!("stop_writes={}", s.stop_writes),
+            format!("expired_objects={}", s.expired),
+            format!("evicted_objects={}", s.evicted),
+            format!("tombstones_dropped={}", s.tombstones_dropped),
+            format!("defrag_blocks={}", s.devices.iter().map(|d| d.defrag_blocks).sum::<u64>()),
+            format!("defrag_records_moved={}", s.devices.iter().map(|d| d.defrag_records_moved).sum::<u64>()),
+            format!("client_write_bytes={}", s.devices.iter().map(|d| d.write_bytes).sum::<u64>()),
+            format!("defrag_write_bytes={}", s.devices.iter().map(|d| d.defrag_device_write_bytes).sum::<u64>()),
             format!("io_backend={}", engine.io_backend()),
         ]
         .join(";")

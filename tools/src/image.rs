@@ -176,7 +176,7 @@ pub fn open_namespace(paths: &[PathBuf]) -> Result<Vec<DeviceImage>, String> {
 /// A progress bar on a terminal, nothing when output is piped.
 pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} blocks ({eta})") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} ({eta})") {
         bar.set_style(style);
     }
     bar.set_message(what.to_string());

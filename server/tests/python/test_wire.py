@@ -61,7 +61,7 @@ class Tests:
         assert build.startswith("8."), build
         assert list(c.info_all("namespaces").values())[0][1].strip() == NS
         stats = list(c.info_all(f"namespace/{NS}").values())[0][1]
-        assert "objects=" in stats and "device_total_bytes=" in stats, stats
+        assert "objects=" in stats and "device_total_bytes=" in stats and "stop_writes=false" in stats, stats
         assert "cluster_size=1" in list(c.info_all("statistics").values())[0][1]
         assert list(c.info_all("partitions").values())[0][1].strip() == "4096"
         replicas = list(c.info_all("replicas").values())[0][1].strip()
