@@ -322,33 +322,35 @@ fn tombstones_do_not_pile_up_under_delete_churn() {
 /// queueing without bound.
 #[test]
 fn write_queue_limit_fails_fast() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = small(dir.path(), BACKENDS[0], 64 << 20);
-    cfg.max_write_queue_bytes = u64::from(TEST_BLOCK_BYTES);
-    let e = Engine::open(cfg).unwrap();
-    let overloads = std::sync::atomic::AtomicU64::new(0);
-    std::thread::scope(|s| {
-        for t in 0..4i64 {
-            let (e, overloads) = (&e, &overloads);
-            s.spawn(move || {
-                for i in 0..400 {
-                    let k = t * 1000 + i;
-                    match e.put(&digest(k), b"s", None, bins(k, 0, 60_000), &WritePolicy::default()) {
-                        Ok(_) => {}
-                        Err(Error::DeviceOverload(msg)) => {
-                            assert!(msg.contains("max_write_queue_bytes"), "{msg}");
-                            overloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = small(dir.path(), backend, 64 << 20);
+        cfg.max_write_queue_bytes = u64::from(TEST_BLOCK_BYTES);
+        let e = Engine::open(cfg).unwrap();
+        let overloads = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for t in 0..4i64 {
+                let (e, overloads) = (&e, &overloads);
+                s.spawn(move || {
+                    for i in 0..400 {
+                        let k = t * 1000 + i;
+                        match e.put(&digest(k), b"s", None, bins(k, 0, 60_000), &WritePolicy::default()) {
+                            Ok(_) => {}
+                            Err(Error::DeviceOverload(msg)) => {
+                                assert!(msg.contains("max_write_queue_bytes"), "{msg}");
+                                overloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(Error::DeviceFull(_)) => break,
+                            Err(err) => panic!("{err}"),
                         }
-                        Err(Error::DeviceFull(_)) => break,
-                        Err(err) => panic!("{err}"),
                     }
-                }
-            });
-        }
-    });
-    let n = overloads.into_inner();
-    assert!(n > 0, "no write was refused as overloaded");
-    assert_eq!(e.stats().devices[0].overloads, n);
-    assert!(e.stats().devices[0].write_queue_bytes <= u64::from(TEST_BLOCK_BYTES) * 2);
-    e.close().unwrap();
+                });
+            }
+        });
+        let n = overloads.into_inner();
+        assert!(n > 0, "{backend:?}: no write was refused as overloaded");
+        assert_eq!(e.stats().devices[0].overloads, n);
+        assert!(e.stats().devices[0].write_queue_bytes <= u64::from(TEST_BLOCK_BYTES) * 2);
+        e.close().unwrap();
+    }
 }
