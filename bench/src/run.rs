@@ -187,15 +187,14 @@ async fn worker(shared: Arc<Shared>, chooser: Chooser, mut rng: Rng, recorder: A
             Op::Write { key, replace } => {
                 let version = shared.version_base + seq;
                 let bins = make_bins(key, version, shared.size, shared.bins);
-                // An overloaded or full target asks clients to back off (defrag is freeing
-                // space): count it, wait, try again.
+                // An overloaded target (a full write queue, or defrag still freeing space) asks
+                // clients to back off: count it, wait, try again. "Device full" means full of
+                // live data: counted, not retried, so a run can end.
                 let mut backoff = Duration::from_micros(200);
                 let result = loop {
                     match shared.target.write(key, bins.clone(), replace).await {
-                        Err(kind @ (ErrorKind::Overload | ErrorKind::DeviceFull))
-                            if !shared.stop.load(Ordering::Relaxed) =>
-                        {
-                            local.error(kind);
+                        Err(ErrorKind::Overload) if !shared.stop.load(Ordering::Relaxed) => {
+                            local.error(ErrorKind::Overload);
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(OVERLOAD_BACKOFF_MAX);
                         }

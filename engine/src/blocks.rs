@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A position in one stream's write order: block sequence in the high 32 bits, byte offset
 /// within the block in the low 32. Later writes of a stream have larger positions.
@@ -300,28 +300,24 @@ impl BlockTable {
     }
 
     /// Waits up to `timeout` until an allocation for `purpose` would succeed, as long as space
-    /// is on its way back (see [`BlockTable::space_is_reclaimable`]). Returns at once when
-    /// space is free or when nothing can be reclaimed; returns whether space is free. Callers
+    /// is on its way back (see [`BlockTable::space_is_reclaimable`], checked once: a reclaim
+    /// that stalls costs the caller at most `timeout`). Returns whether space is free. Callers
     /// must hold no lock the defragmenter or the flushers take.
     pub fn wait_for_space(&self, purpose: Purpose, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.can_allocate(purpose) {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline || !self.space_is_reclaimable() {
-                return false;
-            }
-            let lists = self.lists();
-            // Re-checked under the lock a release takes, so a wakeup cannot slip by.
-            if lists.free.len() as u32 > self.keep_for(purpose) {
-                return true;
-            }
-            // Wakes on every release; short slices also cover reclaim that ends without one.
-            let slice = (deadline - now).min(Duration::from_millis(5));
-            drop(self.freed.wait_timeout(lists, slice).unwrap_or_else(PoisonError::into_inner));
+        if self.can_allocate(purpose) {
+            return true;
         }
+        if !self.space_is_reclaimable() {
+            return false;
+        }
+        let keep = self.keep_for(purpose);
+        let lists = self.lists();
+        // Checked under the lock a release takes, so a wakeup cannot slip by.
+        let (lists, _) = self
+            .freed
+            .wait_timeout_while(lists, timeout, |l| l.free.len() as u32 <= keep)
+            .unwrap_or_else(PoisonError::into_inner);
+        lists.free.len() as u32 > keep
     }
 
     fn keep_for(&self, purpose: Purpose) -> u32 {
@@ -337,9 +333,11 @@ impl BlockTable {
     /// writes are refused for want of free blocks, this tells "defrag is behind" (retry) from
     /// "the device is full of live data".
     pub fn space_is_reclaimable(&self) -> bool {
-        let lists = self.lists();
-        !lists.pending.is_empty()
-            || (0..self.len()).any(|b| self.state(b) == BlockState::Defrag)
+        if !self.lists().pending.is_empty() {
+            return true;
+        }
+        // The block states are atomics: no need to hold the free-list lock for the scan.
+        (0..self.len()).any(|b| self.state(b) == BlockState::Defrag)
             || self.emptiest_used_below(self.urgent_max_live_bytes).is_some()
     }
 
@@ -453,6 +451,8 @@ impl BlockTable {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     fn table(n: u32) -> BlockTable {

@@ -346,7 +346,7 @@ impl Engine {
         let set_id = self.inner.sets.id_for(set_name)?;
         let meta = *version.meta();
         let dev = &self.inner.devices[device_for(&digest, self.inner.devices.len())];
-        let wait_deadline = Instant::now() + Duration::from_millis(self.inner.config.defrag_wait_ms);
+        let mut wait_deadline: Option<Instant> = None; // set by the first refusal only
         let (mut table, current, hint, appended) = loop {
             let table = self.inner.index.write(digest.partition());
             let (current, hint) = table.lookup(&digest);
@@ -362,10 +362,12 @@ impl Engine {
                 Err(e @ Error::DeviceOverload(_)) => {
                     drop(table);
                     let now = Instant::now();
+                    let deadline =
+                        *wait_deadline.get_or_insert(now + Duration::from_millis(self.inner.config.defrag_wait_ms));
                     let blocks = dev.writer.blocks();
-                    if now >= wait_deadline
+                    if now >= deadline
                         || blocks.can_allocate(purpose)
-                        || !blocks.wait_for_space(purpose, wait_deadline - now)
+                        || !blocks.wait_for_space(purpose, deadline - now)
                     {
                         return Err(e);
                     }

@@ -196,7 +196,8 @@ pub fn restore_to_engine(path: &Path, summary: &BackupSummary, config: EngineCon
     let engine = Engine::open(config).map_err(|e| e.to_string())?;
     let bar = progress(summary.records, "restoring");
     let n = read_backup(path, |r| {
-        engine.apply_version(&RecordVersion::Live(r.clone())).map_err(|e| format!("restoring {}: {e}", r.digest))?;
+        let digest = r.digest;
+        engine.apply_version(&RecordVersion::Live(r)).map_err(|e| format!("restoring {digest}: {e}"))?;
         bar.inc(1);
         Ok(())
     })?;

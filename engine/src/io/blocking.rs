@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
-use super::{AlignedBuf, DeviceIo, IO_ALIGN_BYTES as IO_ALIGN, IoBackendKind, WriteSource};
+use super::{AlignedBuf, DeviceIo, IoBackendKind, WriteSource};
 use crate::completion::{Completer, Completion, completion};
 
 enum Op {
@@ -112,8 +112,7 @@ impl DeviceIo for BlockingIo {
     }
 
     fn read(&self, offset: u64, buf: AlignedBuf, len: usize) -> Completion<io::Result<AlignedBuf>> {
-        assert!(len <= buf.len(), "read of {len} bytes into a {}-byte buffer", buf.len());
-        if let Err(e) = super::check_alignment(offset, len, self.granule) {
+        if let Err(e) = super::check_read(offset, &buf, len, self.granule) {
             return Completion::ready(Err(e));
         }
         let (reply, c) = completion();
@@ -122,10 +121,7 @@ impl DeviceIo for BlockingIo {
     }
 
     fn write(&self, offset: u64, src: WriteSource) -> Completion<io::Result<()>> {
-        assert!(src.start + src.len <= src.buf.len(), "write range outside its buffer");
-        if let Err(e) =
-            super::check_alignment(offset, src.len, self.granule).and(super::check_alignment(0, src.start, IO_ALIGN))
-        {
+        if let Err(e) = super::check_write(offset, &src, self.granule) {
             return Completion::ready(Err(e));
         }
         let (reply, c) = completion();

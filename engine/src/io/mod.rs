@@ -151,6 +151,18 @@ pub(crate) fn check_alignment(offset: u64, len: usize, granule: usize) -> io::Re
     Ok(())
 }
 
+/// Checks a read request before it is queued (both backends).
+pub(crate) fn check_read(offset: u64, buf: &AlignedBuf, len: usize, granule: usize) -> io::Result<()> {
+    assert!(len <= buf.len(), "read of {len} bytes into a {}-byte buffer", buf.len());
+    check_alignment(offset, len, granule)
+}
+
+/// Checks a write request before it is queued (both backends).
+pub(crate) fn check_write(offset: u64, src: &WriteSource, granule: usize) -> io::Result<()> {
+    assert!(src.start + src.len <= src.buf.len(), "write range outside its buffer");
+    check_alignment(offset, src.len, granule).and(check_alignment(0, src.start, IO_ALIGN_BYTES))
+}
+
 fn canceled_error() -> io::Error {
     io::Error::other("the device I/O thread stopped before completing the operation")
 }
