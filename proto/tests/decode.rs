@@ -19,11 +19,40 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn every_seed_frame_decodes() {
+    let mut seen = fuzz::Decoded::default();
     for (name, bytes) in corpus() {
-        // Captured client frames must decode; inputs a local fuzzing run added must not panic.
-        let decoded = fuzz::decode_everything(&bytes);
-        assert!(decoded > 0 || !name.contains("seed-"), "{name} did not decode");
+        if !name.contains("seed-") {
+            // Inputs a local fuzzing run added: any outcome but a panic is fine.
+            fuzz::decode_everything(&bytes);
+            continue;
+        }
+        // Captured client frames must decode completely: any decoder error (frame, message,
+        // batch-index rows, partition array, digests, ...) fails the test.
+        let d = fuzz::decode_strict(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(d.total() > 0, "{name} decoded nothing");
+        assert_eq!(fuzz::decode_everything(&bytes), d.total(), "{name}: lenient and strict decodes disagree");
+        seen += d;
     }
+    // The corpus must exercise the decoders this test guards.
+    assert!(seen.info_commands > 0 && seen.messages > 0, "{seen:?}");
+    assert!(seen.batch_rows > 0, "no seed has a batch-index field: {seen:?}");
+    assert!(seen.partition_ids > 0, "no seed has a partition-array field: {seen:?}");
+}
+
+/// A seed that fails to decode is reported, not skipped: strict decoding names the error.
+#[test]
+fn strict_decode_reports_batch_and_partition_errors() {
+    let odd_partitions = message(&[(field::NAMESPACE, b"test"), (field::PARTITION_ARRAY, &[1, 0, 2])], &[]);
+    let e = fuzz::decode_strict(&odd_partitions).unwrap_err();
+    assert!(e.contains("partition-array"), "{e}");
+    let mut rows = 2u32.to_be_bytes().to_vec();
+    rows.push(0);
+    let bad_batch = message(&[(field::BATCH_INDEX, &rows)], &[]);
+    let e = fuzz::decode_strict(&bad_batch).unwrap_err();
+    assert!(e.contains("batch-index"), "{e}");
+    let mut cut = message(&[(field::NAMESPACE, b"test")], &[]);
+    cut.pop();
+    assert!(fuzz::decode_strict(&cut).is_err());
 }
 
 /// Truncations and bit flips of real frames: errors are fine, panics and hangs are not.
