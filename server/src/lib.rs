@@ -79,7 +79,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(config.server.max_inflight_request_bytes));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let engines_for_metrics = Arc::new(engines.clone());
     if let Some(addr) = config.server.metrics_listen {
@@ -92,7 +92,7 @@ async fn serve(
     let node = Arc::new(Node::new(config.server.clone(), engines, metrics.clone()));
     tracing::info!(listen = %config.server.listen, node = %node.node_id, "peregrine node serving");
     let connections = Arc::new(Semaphore::new(config.server.max_connections));
-    let budget = Arc::new(Semaphore::new(config.server.max_inflight_request_bytes as usize));
+    let budget = metrics.request_budget.clone();
     let mut tasks = tokio::task::JoinSet::new();
     let mut stop = std::pin::pin!(stop);
     loop {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use peregrine_engine::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
 
 /// Kinds of request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +71,12 @@ pub struct Metrics {
     pub bad_frames: AtomicU64,
     /// Connections closed by the idle or frame deadline.
     pub timeouts: AtomicU64,
+    /// The node-wide budget of buffered request bytes (`max_inflight_request_bytes`): one permit
+    /// per byte. A connection takes permits before it reserves body buffer for them, so the
+    /// permits taken are the bytes reserved for request bodies now, touched or not.
+    pub request_budget: Arc<Semaphore>,
+    /// The budget's size in bytes.
+    pub request_budget_bytes: u64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -78,8 +85,9 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+impl Metrics {
+    /// Counters at zero, with a request-byte budget of `request_budget_bytes`.
+    pub fn new(request_budget_bytes: u64) -> Metrics {
         Metrics {
             requests: KINDS.iter().map(|_| std::array::from_fn(|_| AtomicU64::new(0))).collect(),
             latency: KINDS.iter().map(|_| Histogram::new()).collect(),
@@ -88,11 +96,16 @@ impl Default for Metrics {
             connections_refused: AtomicU64::new(0),
             bad_frames: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
+            request_budget: Arc::new(Semaphore::new(request_budget_bytes as usize)),
+            request_budget_bytes,
         }
     }
-}
 
-impl Metrics {
+    /// Request body bytes reserved now under the budget.
+    pub fn request_buffer_bytes(&self) -> u64 {
+        self.request_budget_bytes.saturating_sub(self.request_budget.available_permits() as u64)
+    }
+
     /// Counts a finished request.
     pub fn record(&self, kind: Kind, result_code: u8, took: Duration) {
         self.requests[kind as usize][usize::from(result_code)].fetch_add(1, Ordering::Relaxed);
@@ -154,6 +167,16 @@ impl Metrics {
                 "peregrine_timeouts_total",
                 "Connections closed by the idle or frame deadline.",
                 self.timeouts.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "peregrine_request_buffer_bytes",
+                "Request body bytes reserved now under the max_inflight_request_bytes budget.",
+                self.request_buffer_bytes() as i64,
+            ),
+            (
+                "peregrine_request_buffer_limit_bytes",
+                "The max_inflight_request_bytes budget.",
+                self.request_budget_bytes as i64,
             ),
         ] {
             let _ = writeln!(

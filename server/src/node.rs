@@ -147,6 +147,7 @@ impl Node {
             format!("objects={objects}"),
             format!("client_connections={}", m.connections_open.load(Ordering::Relaxed)),
             format!("client_connections_opened={}", m.connections_accepted.load(Ordering::Relaxed)),
+            format!("request_buffer_bytes={}", m.request_buffer_bytes()),
         ]
         .join(";")
     }
