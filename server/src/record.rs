@@ -3,7 +3,7 @@
 //! read-modify-write: the op list runs inside it, so a concurrent change re-runs the whole list.
 
 use peregrine_engine::{
-    Applied, Bin, BinName, BinSelection, Change, Digest, Engine, Error, GenerationPolicy, Record, StoredKey, Ttl, Value,
+    Applied, Bin, BinName, BinSelection, Change, Digest, Engine, Error, Record, StoredKey, Ttl, Value,
 };
 use peregrine_proto::Op;
 use peregrine_proto::consts::{
@@ -96,22 +96,70 @@ pub async fn execute(node: &Node, cmd: &RecordCommand<'_>) -> RecordReply {
     let outcome = if !is_write(cmd) {
         read(engine, &digest, cmd).await
     } else if is_delete(cmd) {
-        engine.delete_async(&digest, generation_policy(cmd)).await.map(|()| RecordReply::default())
+        delete(engine, &digest, cmd).await
     } else {
         write(engine, &digest, cmd).await
     };
     outcome.unwrap_or_else(|e| RecordReply::code(result_code(&e)))
 }
 
-fn generation_policy(cmd: &RecordCommand<'_>) -> GenerationPolicy {
-    let g = cmd.generation as u16;
-    if cmd.info2 & info2::GENERATION != 0 {
-        GenerationPolicy::Equal(g)
-    } else if cmd.info2 & info2::GENERATION_GT != 0 {
-        GenerationPolicy::Greater(g)
-    } else {
-        GenerationPolicy::None
+/// A command's generation condition, with the generation as the wire carries it (32 bits).
+///
+/// Record generations are 16 bits (they wrap 65535 → 1), but the AS_MSG header's generation
+/// field is 32 bits, and the Aerospike server compares the two as 32-bit numbers (its
+/// `generation_check`: `m->generation == r->generation` and `m->generation > r->generation`,
+/// with `as_msg.generation` a `uint32_t`; a record being created is not checked). So does this
+/// server:
+/// "equal" with a generation above 65535 never matches an existing record (error 3), and
+/// "greater" with one always holds. Truncating to 16 bits instead would let "equal 65538"
+/// match generation 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GenerationCheck {
+    None,
+    Equal(u32),
+    Greater(u32),
+}
+
+impl GenerationCheck {
+    fn of(cmd: &RecordCommand<'_>) -> GenerationCheck {
+        if cmd.info2 & info2::GENERATION != 0 {
+            GenerationCheck::Equal(cmd.generation)
+        } else if cmd.info2 & info2::GENERATION_GT != 0 {
+            GenerationCheck::Greater(cmd.generation)
+        } else {
+            GenerationCheck::None
+        }
     }
+
+    /// Checks an existing record's generation.
+    fn check(self, actual: u16) -> Result<(), Error> {
+        let (required, ok) = match self {
+            GenerationCheck::None => return Ok(()),
+            GenerationCheck::Equal(g) => (g, g == u32::from(actual)),
+            GenerationCheck::Greater(g) => (g, g > u32::from(actual)),
+        };
+        if ok {
+            return Ok(());
+        }
+        // The engine's error carries 16 bits; a required generation beyond them is reported as
+        // 65535 (only the result code goes on the wire).
+        Err(Error::Generation { required: u16::try_from(required).unwrap_or(u16::MAX), actual })
+    }
+}
+
+/// Deletes a record (a tombstone), checking the generation condition as 32-bit numbers.
+async fn delete(engine: &Engine, digest: &Digest, cmd: &RecordCommand<'_>) -> Result<RecordReply, Error> {
+    let generation = GenerationCheck::of(cmd);
+    engine
+        .modify_async(digest, false, |existing| {
+            let Some(e) = existing else {
+                return Err(Error::NotFound);
+            };
+            generation.check(e.meta.generation)?;
+            Ok(Change::Delete)
+        })
+        .await?;
+    Ok(RecordReply::default())
 }
 
 fn ttl_of(record_ttl: u32) -> Ttl {
@@ -252,7 +300,7 @@ async fn write(engine: &Engine, digest: &Digest, cmd: &RecordCommand<'_>) -> Res
     let create_only = cmd.info2 & info2::CREATE_ONLY != 0;
     let must_exist = cmd.info3 & (info3::UPDATE_ONLY | info3::REPLACE_ONLY) != 0;
     let respond_all = cmd.info2 & info2::RESPOND_ALL_OPS != 0;
-    let generation = generation_policy(cmd);
+    let generation = GenerationCheck::of(cmd);
     let ttl = ttl_of(cmd.record_ttl);
     let key = cmd
         .key
@@ -263,15 +311,7 @@ async fn write(engine: &Engine, digest: &Digest, cmd: &RecordCommand<'_>) -> Res
         .modify_async(digest, !replace && !create_only, |existing| {
             reply = RecordReply::default();
             if let Some(e) = &existing {
-                let actual = e.meta.generation;
-                let ok = match generation {
-                    GenerationPolicy::None => true,
-                    GenerationPolicy::Equal(g) => g == actual,
-                    GenerationPolicy::Greater(g) => g > actual,
-                };
-                if !ok {
-                    return Err(Error::Generation { required: cmd.generation as u16, actual });
-                }
+                generation.check(e.meta.generation)?;
                 if create_only {
                     return Err(Error::RecordExists);
                 }

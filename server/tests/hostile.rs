@@ -276,6 +276,50 @@ fn connection_limit_and_idle_deadline() {
     assert!(server.stop().success());
 }
 
+/// The wire's generation field is 32 bits, record generations 16. Like the Aerospike server,
+/// the node compares them as 32-bit numbers: "equal 65538" must not match generation 2 (as a
+/// 16-bit truncation would), and "greater than 65537" holds for every record.
+#[test]
+fn generations_beyond_16_bits_compare_as_32_bit_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "");
+    let mut s = connect(server.addr);
+    let one = 1i64.to_be_bytes();
+    let write = |gen_bits: u8, generation: u32| {
+        request_with_generation(
+            0,
+            info2::WRITE | gen_bits,
+            generation,
+            5,
+            &[(op::WRITE, particle::INTEGER, b"v", &one)],
+        )
+    };
+    let read = request(info1::READ | info1::GET_ALL, 0, 5, &[]);
+    assert_eq!(roundtrip_generation(&mut s, &write(0, 0)).0, 0);
+    let (rc, generation, _) = roundtrip_generation(&mut s, &write(0, 0));
+    assert_eq!((rc, generation), (0, 2));
+    // Equal, with 65536 + 2: a generation error, and the record keeps generation 2.
+    assert_eq!(roundtrip_generation(&mut s, &write(info2::GENERATION, (1 << 16) + 2)).0, 3);
+    assert_eq!(roundtrip_generation(&mut s, &read).1, 2);
+    // Greater, with 65536 + 1 (1 after truncation, which is not greater than 2): written.
+    let (rc, generation, _) = roundtrip_generation(&mut s, &write(info2::GENERATION_GT, (1 << 16) + 1));
+    assert_eq!((rc, generation), (0, 3));
+    assert_eq!(roundtrip_generation(&mut s, &write(info2::GENERATION_GT, u32::MAX)).0, 0);
+    // Deletes compare the same way.
+    let delete = |gen_bits: u8, generation: u32| {
+        request_with_generation(0, info2::WRITE | info2::DELETE | gen_bits, generation, 5, &[])
+    };
+    assert_eq!(roundtrip_generation(&mut s, &delete(info2::GENERATION, (1 << 16) + 4)).0, 3);
+    assert_eq!(roundtrip_generation(&mut s, &read).1, 4);
+    assert_eq!(roundtrip_generation(&mut s, &delete(info2::GENERATION_GT, (1 << 16) + 3)).0, 0);
+    assert_eq!(roundtrip_generation(&mut s, &read).0, 2);
+    // In range, nothing changed: equal matches, greater needs greater.
+    assert_eq!(roundtrip_generation(&mut s, &write(0, 0)).0, 0);
+    assert_eq!(roundtrip_generation(&mut s, &write(info2::GENERATION_GT, 1)).0, 3);
+    assert_eq!(roundtrip_generation(&mut s, &write(info2::GENERATION, 1)).0, 0);
+    assert!(server.stop().success());
+}
+
 #[test]
 fn metric_lookups_match_the_whole_name_and_label_set() {
     let text = "HTTP/1.1 200 OK\r\n\r\n# HELP a_total x\na_total_more 7\na_total 50\n\
