@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use peregrine_engine::io::{IoBackendChoice, IoOptions};
+use peregrine_engine::io::IoBackendChoice;
 use peregrine_engine::{DeviceSpec, EngineConfig};
 use serde::Deserialize;
 
@@ -38,7 +38,8 @@ pub struct ServerConfig {
     pub node_id: Option<String>,
     /// Cluster name reported to clients.
     pub cluster_name: Option<String>,
-    /// Prometheus `/metrics` endpoint (empty to disable).
+    /// Prometheus `/metrics` endpoint: `"HOST:PORT"`, or `"off"` for none.
+    #[serde(deserialize_with = "deserialize_metrics_listen")]
     pub metrics_listen: Option<SocketAddr>,
     /// Most client connections open at once; more are closed at accept.
     pub max_connections: usize,
@@ -77,81 +78,193 @@ impl Default for ServerConfig {
     }
 }
 
-/// A `[[namespace]]` table.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NamespaceConfig {
-    /// Namespace name.
-    pub name: String,
-    /// Devices; a file `<data_dir>/<name>.dat` of `DEFAULT_FILE_DEVICE_BYTES` when empty.
-    #[serde(default)]
-    pub devices: Vec<DeviceConfig>,
-    /// Write block size.
-    #[serde(default)]
-    pub write_block_bytes: Option<u32>,
+/// `metrics_listen` (TOML) or `--metrics-listen` (command line): `HOST:PORT`, or `off`.
+pub fn parse_metrics_listen(text: &str) -> Result<Option<SocketAddr>, String> {
+    match text {
+        "off" => Ok(None),
+        a => a.parse().map(Some).map_err(|e| format!("metrics_listen '{a}': {e} (HOST:PORT, or \"off\")")),
+    }
+}
+
+fn deserialize_metrics_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_metrics_listen(&text).map_err(serde::de::Error::custom)
+}
+
+/// Declares [`NamespaceConfig`] from the one list of engine settings below.
+///
+/// Each entry is `toml_key: TomlType => engine_field` (a path into [`EngineConfig`], e.g.
+/// `io.ring_entries`). The entry declares the table's optional field, sets the engine field
+/// from it in [`NamespaceConfig::engine_config`], and is listed in [`ENGINE_SETTINGS`] (tests
+/// check that every key is in `docs/peregrine.example.toml` and that every `EngineConfig` field
+/// is reached).
+macro_rules! namespace_config {
+    ($( $(#[doc = $doc:literal])* $key:ident: $ty:ty => $($path:ident).+, )*) => {
+        /// A `[[namespace]]` table: its name, its devices, and every engine setting (each optional;
+        /// an absent one keeps the engine's default).
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct NamespaceConfig {
+            /// Namespace name.
+            pub name: String,
+            /// Devices; a file `<data_dir>/<name>.dat` of `DEFAULT_FILE_DEVICE_BYTES` when empty.
+            #[serde(default)]
+            pub devices: Vec<DeviceConfig>,
+            $(
+                $(#[doc = $doc])*
+                #[serde(default)]
+                pub $key: Option<$ty>,
+            )*
+        }
+
+        /// Every engine setting of a namespace table: (TOML key, `EngineConfig` field).
+        pub const ENGINE_SETTINGS: &[(&str, &str)] = &[
+            $( (stringify!($key), stringify!($($path).+)), )*
+        ];
+
+        impl NamespaceConfig {
+            /// A namespace with every default.
+            pub fn named(name: &str) -> NamespaceConfig {
+                NamespaceConfig { name: name.into(), devices: Vec::new(), $( $key: None, )* }
+            }
+
+            /// Sets every engine field whose setting is present.
+            fn apply_settings(&self, c: &mut EngineConfig) {
+                $(
+                    if let Some(v) = &self.$key {
+                        Setting::apply(v.clone(), &mut c.$($path).+);
+                    }
+                )*
+            }
+
+            /// For each setting: its key, and a namespace table setting it to something other
+            /// than its value in `base`.
+            #[cfg(test)]
+            fn each_setting_changed(base: &EngineConfig) -> Vec<(&'static str, NamespaceConfig)> {
+                let mut out = Vec::new();
+                $(
+                    let mut ns = NamespaceConfig::named(&base.namespace);
+                    let now: $ty = Setting::of(&base.$($path).+);
+                    ns.$key = Some(tests::Changed::changed(&now));
+                    out.push((stringify!($key), ns));
+                )*
+                out
+            }
+        }
+    };
+}
+
+namespace_config! {
+    /// Write block size: a power of two from 128 KiB to 8 MiB.
+    write_block_bytes: u32 => write_block_bytes,
     /// Largest record (0 = min(1 MiB, write block - 64)).
-    #[serde(default)]
-    pub max_record_bytes: Option<u32>,
+    max_record_bytes: u32 => max_record_bytes,
     /// Default TTL in seconds (0 = never expire).
-    #[serde(default)]
-    pub default_ttl_s: Option<u32>,
+    default_ttl_s: u32 => default_ttl_s,
     /// Acknowledge writes only when durable.
-    #[serde(default)]
-    pub commit_to_device: Option<bool>,
+    commit_to_device: bool => commit_to_device,
     /// Partial write blocks are flushed after this long.
-    #[serde(default)]
-    pub flush_interval_ms: Option<u64>,
+    flush_interval_ms: u64 => flush_interval_ms,
     /// Post-write cache per device.
-    #[serde(default)]
-    pub post_write_cache_bytes: Option<u64>,
+    post_write_cache_bytes: u64 => post_write_cache_bytes,
     /// Write queue limit per device (beyond it writes fail with "device overload").
-    #[serde(default)]
-    pub max_write_queue_bytes: Option<u64>,
+    max_write_queue_bytes: u64 => max_write_queue_bytes,
     /// Device write pieces while reads are active.
-    #[serde(default)]
-    pub write_chunk_bytes: Option<u32>,
+    write_chunk_bytes: u32 => write_chunk_bytes,
     /// Device write depth while reads are active.
-    #[serde(default)]
-    pub write_queue_depth: Option<u32>,
+    write_queue_depth: u32 => write_queue_depth,
     /// Device write pieces with no reads.
-    #[serde(default)]
-    pub bulk_write_chunk_bytes: Option<u32>,
+    bulk_write_chunk_bytes: u32 => bulk_write_chunk_bytes,
     /// Device write depth with no reads.
-    #[serde(default)]
-    pub bulk_write_queue_depth: Option<u32>,
-    /// I/O backend: auto, uring or blocking.
-    #[serde(default)]
-    pub io_backend: Option<String>,
+    bulk_write_queue_depth: u32 => bulk_write_queue_depth,
+    /// How long without device reads before writes switch to the bulk pieces.
+    bulk_write_after_read_quiet_ms: u64 => bulk_write_after_read_quiet_ms,
     /// Reformat devices holding foreign or mismatched data (destroys it).
-    #[serde(default)]
-    pub format_foreign_devices: Option<bool>,
+    format_foreign_devices: bool => format_foreign_devices,
     /// Defragment used blocks below this fill percentage.
-    #[serde(default)]
-    pub defrag_lwm_pct: Option<u32>,
+    defrag_lwm_pct: u32 => defrag_lwm_pct,
     /// Defrag pause per MiB processed.
-    #[serde(default)]
-    pub defrag_sleep_us: Option<u64>,
+    defrag_sleep_us: u64 => defrag_sleep_us,
     /// How long a write waits for defrag to free a block before "device overload".
-    #[serde(default)]
-    pub defrag_wait_ms: Option<u64>,
+    defrag_wait_ms: u64 => defrag_wait_ms,
     /// Ordinary writes stop at this free-block percentage.
-    #[serde(default)]
-    pub stop_writes_avail_pct: Option<u32>,
+    stop_writes_avail_pct: u32 => stop_writes_avail_pct,
     /// Free blocks kept for defrag alone (percent).
-    #[serde(default)]
-    pub defrag_reserve_pct: Option<u32>,
+    defrag_reserve_pct: u32 => defrag_reserve_pct,
     /// Expiry period (0 = off).
-    #[serde(default)]
-    pub expiry_period_s: Option<u64>,
+    expiry_period_s: u64 => expiry_period_s,
     /// Evict while live data exceeds this device percentage (0 = off).
-    #[serde(default)]
-    pub evict_used_pct: Option<u32>,
+    evict_used_pct: u32 => evict_used_pct,
     /// Evict while the index exceeds this many bytes (0 = off).
-    #[serde(default)]
-    pub evict_index_bytes: Option<u64>,
+    evict_index_bytes: u64 => evict_index_bytes,
+    /// Each eviction step removes about this many tenths of a percent of evictable records.
+    evict_step_tenths_pct: u32 => evict_step_tenths_pct,
     /// Tomb raider period (0 = only when tombstones pile up).
-    #[serde(default)]
-    pub tomb_raider_period_s: Option<u64>,
+    tomb_raider_period_s: u64 => tomb_raider_period_s,
+    /// The tomb raider runs early once tombstones exceed this percentage of index entries.
+    tomb_raider_tombstone_pct: u32 => tomb_raider_tombstone_pct,
+    /// How long to wait for a device another process holds before "device in use".
+    device_lock_wait_ms: u64 => device_lock_wait_ms,
+    /// I/O backend: auto, uring or blocking.
+    io_backend: IoBackendSetting => io.backend,
+    /// Submission-queue entries of each device's io_uring (its cap on operations in flight).
+    io_ring_entries: u32 => io.ring_entries,
+    /// Read threads per device of the blocking backend.
+    io_blocking_read_threads: usize => io.blocking_read_threads,
+    /// CPUs for the device I/O threads (device i uses the (i mod n)-th; empty = not pinned).
+    /// When present it replaces what `[server] pin_io_threads` chose for this namespace.
+    io_thread_cpus: Vec<usize> => io.io_thread_cpus,
+}
+
+/// A TOML value type and the engine field type it sets.
+trait Setting<E> {
+    /// Sets the engine field.
+    fn apply(self, field: &mut E);
+    /// The setting that gives this engine value.
+    #[cfg(test)]
+    fn of(field: &E) -> Self;
+}
+
+impl<T: Clone> Setting<T> for T {
+    fn apply(self, field: &mut T) {
+        *field = self;
+    }
+
+    #[cfg(test)]
+    fn of(field: &T) -> T {
+        field.clone()
+    }
+}
+
+/// `io_backend` in TOML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoBackendSetting {
+    /// io_uring when the kernel allows it, else the blocking pool.
+    Auto,
+    /// io_uring or an error.
+    Uring,
+    /// The blocking pread/pwrite pool.
+    Blocking,
+}
+
+impl Setting<IoBackendChoice> for IoBackendSetting {
+    fn apply(self, field: &mut IoBackendChoice) {
+        *field = match self {
+            IoBackendSetting::Auto => IoBackendChoice::Auto,
+            IoBackendSetting::Uring => IoBackendChoice::Uring,
+            IoBackendSetting::Blocking => IoBackendChoice::Blocking,
+        };
+    }
+
+    #[cfg(test)]
+    fn of(field: &IoBackendChoice) -> IoBackendSetting {
+        match field {
+            IoBackendChoice::Auto => IoBackendSetting::Auto,
+            IoBackendChoice::Uring => IoBackendSetting::Uring,
+            IoBackendChoice::Blocking => IoBackendSetting::Blocking,
+        }
+    }
 }
 
 /// A device of a namespace.
@@ -166,37 +279,9 @@ pub struct DeviceConfig {
 }
 
 impl NamespaceConfig {
-    /// A namespace with every default.
-    pub fn named(name: &str) -> NamespaceConfig {
-        NamespaceConfig {
-            name: name.into(),
-            devices: Vec::new(),
-            write_block_bytes: None,
-            max_record_bytes: None,
-            default_ttl_s: None,
-            commit_to_device: None,
-            flush_interval_ms: None,
-            post_write_cache_bytes: None,
-            max_write_queue_bytes: None,
-            write_chunk_bytes: None,
-            write_queue_depth: None,
-            bulk_write_chunk_bytes: None,
-            bulk_write_queue_depth: None,
-            io_backend: None,
-            format_foreign_devices: None,
-            defrag_lwm_pct: None,
-            defrag_sleep_us: None,
-            defrag_wait_ms: None,
-            stop_writes_avail_pct: None,
-            defrag_reserve_pct: None,
-            expiry_period_s: None,
-            evict_used_pct: None,
-            evict_index_bytes: None,
-            tomb_raider_period_s: None,
-        }
-    }
-
-    /// The engine configuration for this namespace.
+    /// The engine configuration for this namespace. `io_cpus` are the CPUs `[server]
+    /// pin_io_threads` chose for device I/O threads; the namespace's `io_thread_cpus` replaces
+    /// them when set.
     pub fn engine_config(&self, data_dir: &Path, io_cpus: Vec<usize>) -> Result<EngineConfig, String> {
         let devices = if self.devices.is_empty() {
             vec![DeviceSpec {
@@ -212,47 +297,16 @@ impl NamespaceConfig {
                 })
                 .collect()
         };
-        let mut c = EngineConfig::new(self.name.clone(), devices);
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
-        }
-        set!(
-            write_block_bytes,
-            max_record_bytes,
-            default_ttl_s,
-            commit_to_device,
-            flush_interval_ms,
-            post_write_cache_bytes,
-            max_write_queue_bytes,
-            write_chunk_bytes,
-            write_queue_depth,
-            bulk_write_chunk_bytes,
-            bulk_write_queue_depth,
-            format_foreign_devices,
-            defrag_lwm_pct,
-            defrag_sleep_us,
-            defrag_wait_ms,
-            stop_writes_avail_pct,
-            defrag_reserve_pct,
-            expiry_period_s,
-            evict_used_pct,
-            evict_index_bytes,
-            tomb_raider_period_s
-        );
-        let backend = match self.io_backend.as_deref() {
-            None | Some("auto") => IoBackendChoice::Auto,
-            Some("uring") => IoBackendChoice::Uring,
-            Some("blocking") => IoBackendChoice::Blocking,
-            Some(other) => {
-                return Err(format!(
-                    "namespace {}: io_backend must be auto, uring or blocking, not '{other}'",
-                    self.name
-                ));
-            }
-        };
-        c.io = IoOptions { backend, io_thread_cpus: io_cpus, ..IoOptions::default() };
+        let c = self.unvalidated_engine_config(devices, io_cpus);
         c.validate().map_err(|e| format!("namespace {}: {e}", self.name))?;
         Ok(c)
+    }
+
+    fn unvalidated_engine_config(&self, devices: Vec<DeviceSpec>, io_cpus: Vec<usize>) -> EngineConfig {
+        let mut c = EngineConfig::new(self.name.clone(), devices);
+        c.io.io_thread_cpus = io_cpus;
+        self.apply_settings(&mut c);
+        c
     }
 }
 
@@ -306,7 +360,223 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+
+    /// A value other than this one, to see a setting change the engine configuration.
+    pub(super) trait Changed {
+        fn changed(&self) -> Self;
+    }
+
+    impl Changed for u32 {
+        fn changed(&self) -> u32 {
+            self.wrapping_add(1)
+        }
+    }
+
+    impl Changed for u64 {
+        fn changed(&self) -> u64 {
+            self.wrapping_add(1)
+        }
+    }
+
+    impl Changed for usize {
+        fn changed(&self) -> usize {
+            self.wrapping_add(1)
+        }
+    }
+
+    impl Changed for bool {
+        fn changed(&self) -> bool {
+            !self
+        }
+    }
+
+    impl Changed for Vec<usize> {
+        fn changed(&self) -> Vec<usize> {
+            let mut v = self.clone();
+            v.push(v.len());
+            v
+        }
+    }
+
+    impl Changed for IoBackendSetting {
+        fn changed(&self) -> IoBackendSetting {
+            match self {
+                IoBackendSetting::Auto => IoBackendSetting::Uring,
+                IoBackendSetting::Uring => IoBackendSetting::Blocking,
+                IoBackendSetting::Blocking => IoBackendSetting::Auto,
+            }
+        }
+    }
+
+    /// `EngineConfig` fields that are not namespace-table settings, and where they come from.
+    const NOT_SETTINGS: &[(&str, &str)] = &[
+        ("namespace", "the table's `name`"),
+        ("devices", "the `[[namespace.devices]]` tables"),
+        ("clock", "the time source, replaced only by tests"),
+    ];
+
+    /// The fields of a `{:#?}` rendering, by name, with their rendered values.
+    fn debug_fields(pretty: &str, prefix: &str, out: &mut BTreeMap<String, String>) {
+        let mut current: Option<String> = None;
+        for line in pretty.lines().skip(1) {
+            let field = line
+                .strip_prefix("    ")
+                .filter(|l| !l.starts_with(' '))
+                .and_then(|l| l.split_once(": "))
+                .filter(|(name, _)| name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_'));
+            match field {
+                Some((name, value)) => {
+                    let name = format!("{prefix}{name}");
+                    out.insert(name.clone(), value.to_string());
+                    current = Some(name);
+                }
+                None => {
+                    if let Some(v) = current.as_ref().and_then(|n| out.get_mut(n)) {
+                        v.push_str(line);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every field of an engine configuration, `io` fields as `io.<name>`.
+    fn engine_fields(c: &EngineConfig) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        debug_fields(&format!("{c:#?}"), "", &mut out);
+        // `io` is a struct whose fields are settings of their own.
+        out.remove("io");
+        debug_fields(&format!("{:#?}", c.io), "io.", &mut out);
+        out
+    }
+
+    fn one_device() -> Vec<DeviceSpec> {
+        vec![DeviceSpec { path: PathBuf::from("/d/t.dat"), file_size_bytes: Some(DEFAULT_FILE_DEVICE_BYTES) }]
+    }
+
+    #[test]
+    fn every_engine_field_is_a_setting() {
+        let base = NamespaceConfig::named("t").unvalidated_engine_config(one_device(), vec![]);
+        let fields = engine_fields(&base);
+        assert!(fields.len() > 20 && fields.contains_key("io.backend"), "{fields:?}");
+        let paths: Vec<String> = ENGINE_SETTINGS.iter().map(|(_, path)| path.replace(' ', "")).collect();
+        for field in fields.keys() {
+            assert!(
+                paths.contains(field) || NOT_SETTINGS.iter().any(|(f, _)| f == field),
+                "EngineConfig field `{field}` cannot be set from the server's TOML: add it to the \
+                 namespace_config! list in server/src/config.rs (and to docs/peregrine.example.toml)"
+            );
+        }
+        for path in &paths {
+            assert!(fields.contains_key(path), "setting for `{path}`, which EngineConfig does not have");
+        }
+    }
+
+    #[test]
+    fn every_setting_reaches_its_engine_field() {
+        let base = NamespaceConfig::named("t").unvalidated_engine_config(one_device(), vec![]);
+        let before = engine_fields(&base);
+        let changed = NamespaceConfig::each_setting_changed(&base);
+        assert_eq!(changed.len(), ENGINE_SETTINGS.len());
+        for ((key, ns), (listed_key, path)) in changed.iter().zip(ENGINE_SETTINGS) {
+            assert_eq!(key, listed_key);
+            let after = engine_fields(&ns.unvalidated_engine_config(one_device(), vec![]));
+            let differ: Vec<&String> = after.keys().filter(|f| after.get(*f) != before.get(*f)).collect();
+            assert_eq!(differ, vec![&path.replace(' ', "")], "setting `{key}` changed {differ:?}");
+        }
+        // And from TOML text, with the server's pinning replaced by the namespace's own.
+        let c = Config::parse("[[namespace]]\nname = \"a\"\nio_ring_entries = 64\nio_thread_cpus = [1, 3]\n").unwrap();
+        let e = c.namespaces[0].engine_config(Path::new("/d"), vec![7]).unwrap();
+        assert_eq!((e.io.ring_entries, e.io.io_thread_cpus), (64, vec![1, 3]));
+        let c = Config::parse("[[namespace]]\nname = \"a\"\n").unwrap();
+        assert_eq!(c.namespaces[0].engine_config(Path::new("/d"), vec![7]).unwrap().io.io_thread_cpus, vec![7]);
+    }
+
+    /// The field names a `Deserialize` struct asks its deserializer for.
+    fn struct_fields<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+        #[derive(Debug)]
+        enum Probe {
+            Fields(&'static [&'static str]),
+            Other,
+        }
+        impl std::fmt::Display for Probe {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{self:?}")
+            }
+        }
+        impl std::error::Error for Probe {}
+        impl serde::de::Error for Probe {
+            fn custom<M: std::fmt::Display>(_: M) -> Probe {
+                Probe::Other
+            }
+        }
+        struct Deserializer;
+        impl<'de> serde::Deserializer<'de> for Deserializer {
+            type Error = Probe;
+            fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Probe> {
+                Err(Probe::Other)
+            }
+            fn deserialize_struct<V: serde::de::Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Probe> {
+                Err(Probe::Fields(fields))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+                unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+            }
+        }
+        match T::deserialize(Deserializer) {
+            Err(Probe::Fields(f)) => f,
+            other => panic!("not a struct: {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn the_example_config_lists_every_setting() {
+        let text = include_str!("../../docs/peregrine.example.toml");
+        let doc: toml::Table = toml::from_str(text).unwrap();
+        // [server]: a setting without a default may be shown commented out (`# key = ...`).
+        let server = doc["server"].as_table().unwrap();
+        let commented = |key: &str| {
+            text.lines().any(|l| {
+                l.trim_start().strip_prefix('#').is_some_and(|l| l.trim_start().starts_with(&format!("{key} = ")))
+            })
+        };
+        for key in struct_fields::<ServerConfig>() {
+            assert!(server.contains_key(*key) || commented(key), "[server] {key} is missing from the example config");
+        }
+        // Namespaces: every setting as a real key of some [[namespace]] table, so the parse
+        // test below checks its value too.
+        let in_some = |tables: &[&toml::Value], key: &str| tables.iter().any(|t| t.get(key).is_some());
+        let namespaces: Vec<&toml::Value> = doc["namespace"].as_array().unwrap().iter().collect();
+        for (key, _) in ENGINE_SETTINGS {
+            assert!(in_some(&namespaces, key), "namespace setting {key} is missing from the example config");
+        }
+        for key in struct_fields::<NamespaceConfig>() {
+            assert!(in_some(&namespaces, key), "[[namespace]] {key} is missing from the example config");
+        }
+        let devices: Vec<&toml::Value> =
+            namespaces.iter().filter_map(|n| n.get("devices")?.as_array()).flatten().collect();
+        for key in struct_fields::<DeviceConfig>() {
+            assert!(in_some(&devices, key), "[[namespace.devices]] {key} is missing from the example config");
+        }
+    }
+
+    #[test]
+    fn metrics_listen_off_is_accepted() {
+        assert_eq!(Config::parse("[server]\nmetrics_listen = \"off\"\n").unwrap().server.metrics_listen, None);
+        let c = Config::parse("[server]\nmetrics_listen = \"127.0.0.1:9\"\n").unwrap();
+        assert_eq!(c.server.metrics_listen, Some(SocketAddr::from(([127, 0, 0, 1], 9))));
+        let err = Config::parse("[server]\nmetrics_listen = \"nowhere\"\n").unwrap_err();
+        assert!(err.contains("metrics_listen") && err.contains("off"), "{err}");
+        assert_eq!(parse_metrics_listen("off"), Ok(None));
+    }
 
     #[test]
     fn empty_config_gives_the_default_node() {
@@ -336,9 +606,8 @@ mod tests {
         assert!(err.contains("bogus"), "{err}");
         let err = Config::parse("[[namespace]]\nname = \"a\"\n[[namespace]]\nname = \"a\"\n").unwrap_err();
         assert!(err.contains("twice"), "{err}");
-        let c = Config::parse("[[namespace]]\nname = \"a\"\nio_backend = \"fast\"\n").unwrap();
-        let err = c.namespaces[0].engine_config(Path::new("/d"), vec![]).unwrap_err();
-        assert!(err.contains("io_backend"), "{err}");
+        let err = Config::parse("[[namespace]]\nname = \"a\"\nio_backend = \"fast\"\n").unwrap_err();
+        assert!(err.contains("io_backend") && err.contains("blocking"), "{err}");
         let c = Config::parse("[[namespace]]\nname = \"a\"\nwrite_block_bytes = 1000\n").unwrap();
         assert!(c.namespaces[0].engine_config(Path::new("/d"), vec![]).unwrap_err().contains("write_block_bytes"));
     }

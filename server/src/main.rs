@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use peregrine_server::config::Config;
+use peregrine_server::config::{self, Config};
 use peregrine_server::{open_engines, run};
 
 /// The Peregrine node daemon (speaks the Aerospike client protocol).
@@ -42,10 +42,8 @@ fn load(args: &Args) -> Result<Config, String> {
     if let Some(d) = &args.data_dir {
         config.server.data_dir = d.clone();
     }
-    match args.metrics_listen.as_deref() {
-        None => {}
-        Some("off") => config.server.metrics_listen = None,
-        Some(a) => config.server.metrics_listen = Some(a.parse().map_err(|e| format!("--metrics-listen {a}: {e}"))?),
+    if let Some(a) = args.metrics_listen.as_deref() {
+        config.server.metrics_listen = config::parse_metrics_listen(a).map_err(|e| format!("--metrics-listen: {e}"))?;
     }
     config.validate()?;
     Ok(config)
