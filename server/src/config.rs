@@ -418,37 +418,41 @@ mod tests {
         ("clock", "the time source, replaced only by tests"),
     ];
 
-    /// The fields of a `{:#?}` rendering, by name, with their rendered values.
-    fn debug_fields(pretty: &str, prefix: &str, out: &mut BTreeMap<String, String>) {
-        let mut current: Option<String> = None;
-        for line in pretty.lines().skip(1) {
-            let field = line
-                .strip_prefix("    ")
-                .filter(|l| !l.starts_with(' '))
-                .and_then(|l| l.split_once(": "))
-                .filter(|(name, _)| name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_'));
-            match field {
-                Some((name, value)) => {
-                    let name = format!("{prefix}{name}");
-                    out.insert(name.clone(), value.to_string());
-                    current = Some(name);
+    /// The leaf fields of a `{:#?}` rendering, by dotted path (fields of a nested struct such as
+    /// `io` as `io.<name>`), with their rendered values. Values that are not structs (lists,
+    /// options, enums) are leaves, whatever they contain.
+    fn engine_fields(c: &EngineConfig) -> BTreeMap<String, String> {
+        let is_ident = |t: &str| !t.is_empty() && t.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+        let mut out = BTreeMap::new();
+        // The path prefix of the struct open at each depth; `None` inside a leaf value.
+        let mut open: Vec<Option<String>> = vec![Some(String::new())];
+        let mut last_leaf: Option<String> = None;
+        for line in format!("{c:#?}").lines().skip(1) {
+            let text = line.trim_start();
+            let depth = (line.len() - text.len()) / 4;
+            let field = text.split_once(": ").filter(|(name, _)| is_ident(name));
+            let parent = open.get(depth.wrapping_sub(1)).cloned().flatten();
+            match (field, parent) {
+                (Some((name, value)), Some(prefix)) => {
+                    let path = format!("{prefix}{name}");
+                    open.truncate(depth);
+                    let struct_name = value.strip_suffix(" {").filter(|n| is_ident(n));
+                    if struct_name.is_some_and(|n| n.starts_with(|ch: char| ch.is_ascii_uppercase())) {
+                        open.push(Some(format!("{path}.")));
+                        last_leaf = None;
+                    } else {
+                        open.push(None);
+                        out.insert(path.clone(), value.to_string());
+                        last_leaf = Some(path);
+                    }
                 }
-                None => {
-                    if let Some(v) = current.as_ref().and_then(|n| out.get_mut(n)) {
-                        v.push_str(line);
+                _ => {
+                    if let Some(v) = last_leaf.as_ref().and_then(|p| out.get_mut(p)) {
+                        v.push_str(text);
                     }
                 }
             }
         }
-    }
-
-    /// Every field of an engine configuration, `io` fields as `io.<name>`.
-    fn engine_fields(c: &EngineConfig) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        debug_fields(&format!("{c:#?}"), "", &mut out);
-        // `io` is a struct whose fields are settings of their own.
-        out.remove("io");
-        debug_fields(&format!("{:#?}", c.io), "io.", &mut out);
         out
     }
 
