@@ -276,6 +276,61 @@ fn connection_limit_and_idle_deadline() {
     assert!(server.stop().success());
 }
 
+/// Logs going to a file or a pipe carry no terminal colour codes (ESC bytes).
+#[test]
+fn logs_to_files_and_pipes_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    // stderr to a file (the test harness's `Server`).
+    let server = Server::start(dir.path(), "");
+    normal_client_works(server.addr, 1);
+    assert!(server.stop().success());
+    let log = std::fs::read(
+        dir.path()
+            .read_dir()
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "log"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(String::from_utf8_lossy(&log).contains("marked clean"), "{}", String::from_utf8_lossy(&log));
+    assert!(!log.contains(&0x1b), "colour codes in a log file:\n{}", String::from_utf8_lossy(&log));
+    // stderr to a pipe.
+    let config = dir.path().join("pipe.toml");
+    std::fs::write(
+        &config,
+        "[[namespace]]\nname = \"test\"\n[[namespace.devices]]\npath = \"pipe.dat\"\nsize_bytes = 268435456\n",
+    )
+    .unwrap();
+    let port = common::free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "off", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        stderr.read_to_end(&mut out).unwrap();
+        out
+    });
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(60), "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: sending a signal to our own child by pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let piped = reader.join().unwrap();
+    assert!(String::from_utf8_lossy(&piped).contains("peregrine node serving"), "{}", String::from_utf8_lossy(&piped));
+    assert!(!piped.contains(&0x1b), "colour codes on a pipe:\n{}", String::from_utf8_lossy(&piped));
+}
+
 /// The wire's generation field is 32 bits, record generations 16. Like the Aerospike server,
 /// the node compares them as 32-bit numbers: "equal 65538" must not match generation 2 (as a
 /// 16-bit truncation would), and "greater than 65537" holds for every record.
