@@ -1,12 +1,14 @@
 //! The one seam through which every byte reaches a device: the [`DeviceIo`] trait, with an
 //! io_uring implementation (a dedicated thread that owns its ring) and a blocking pread/pwrite
-//! thread pool used only where io_uring is denied or when forced by configuration.
+//! thread pool used only where io_uring is denied or when forced by configuration, plus an
+//! in-memory simulated device for crash tests ([`sim`]).
 //!
 //! Buffers are passed by value into an operation and handed back with its result, so the kernel
 //! never writes into memory that someone else has freed.
 
 mod blocking;
 mod buf;
+pub mod sim;
 mod uring;
 
 use std::fs::File;
@@ -27,6 +29,9 @@ pub enum IoBackendChoice {
     Uring,
     /// The blocking pread/pwrite pool.
     Blocking,
+    /// The in-memory simulated device registered for the device's path ([`sim::device_for_path`]),
+    /// for crash tests; the device file is opened and locked but never written.
+    Simulated,
 }
 
 /// Which implementation a device actually uses.
@@ -36,6 +41,8 @@ pub enum IoBackendKind {
     Uring,
     /// pread/pwrite on a thread pool.
     Blocking,
+    /// An in-memory [`sim::SimDevice`].
+    Simulated,
 }
 
 impl std::fmt::Display for IoBackendKind {
@@ -43,6 +50,7 @@ impl std::fmt::Display for IoBackendKind {
         f.write_str(match self {
             IoBackendKind::Uring => "io_uring",
             IoBackendKind::Blocking => "blocking",
+            IoBackendKind::Simulated => "simulated",
         })
     }
 }
@@ -105,6 +113,11 @@ pub trait DeviceIo: Send + Sync + std::fmt::Debug {
 
 /// Opens the I/O backend for an already opened (O_DIRECT) device file whose direct-I/O granule
 /// is `granule` bytes (512 to 4096).
+///
+/// With [`IoBackendChoice::Simulated`], `label` must be the device's path (as the engine passes
+/// it): the backend is the simulated device registered under that path
+/// ([`sim::device_for_path`]), created with the file's current length and `granule` if there is
+/// none, else grown to the file's length if it is shorter. `file` is not used for I/O.
 pub fn open_backend(
     file: File,
     options: &IoOptions,
@@ -122,6 +135,7 @@ pub fn open_backend(
             tracing::info!(device = label, "blocking pread/pwrite I/O forced by configuration");
             blocking(file)
         }
+        IoBackendChoice::Simulated => open_simulated(&file, label, granule),
         IoBackendChoice::Uring => Ok(Arc::new(uring::UringIo::new(file, options.ring_entries, label, granule, cpu)?)),
         IoBackendChoice::Auto => match uring::UringIo::new(file.clone(), options.ring_entries, label, granule, cpu) {
             Ok(io) => Ok(Arc::new(io)),
@@ -137,6 +151,19 @@ pub fn open_backend(
             Err(e) => Err(e),
         },
     }
+}
+
+/// The simulated device registered under the path `label`, sized from `file` (see
+/// [`open_backend`]).
+fn open_simulated(file: &File, label: &str, granule: usize) -> io::Result<Arc<dyn DeviceIo>> {
+    let mut size = file.metadata()?.len();
+    if size == 0 {
+        // A block device reports a zero length in its metadata.
+        size = io::Seek::seek(&mut &*file, io::SeekFrom::End(0))?;
+    }
+    let dev = sim::device_for_path(label, size, granule);
+    tracing::info!(device = label, size, granule = dev.granule(), "simulated device I/O");
+    Ok(dev)
 }
 
 /// Rejects an operation whose offset or length is not a multiple of the device granule: some
