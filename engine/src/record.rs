@@ -14,28 +14,7 @@ pub const BINS_PER_RECORD_MAX: usize = 32767;
 pub const SET_NAME_BYTES_MAX: usize = 63;
 
 /// Aerospike particle types (the type byte of every value on the wire and on the device).
-pub mod particle {
-    /// No value (on the wire, a write of null deletes the bin).
-    pub const NULL: u8 = 0;
-    /// 64-bit signed integer.
-    pub const INTEGER: u8 = 1;
-    /// 64-bit IEEE-754 float.
-    pub const FLOAT: u8 = 2;
-    /// String (UTF-8 bytes, not validated).
-    pub const STRING: u8 = 3;
-    /// Blob.
-    pub const BLOB: u8 = 4;
-    /// Boolean.
-    pub const BOOL: u8 = 17;
-    /// HyperLogLog (opaque).
-    pub const HLL: u8 = 18;
-    /// Map (msgpack, opaque).
-    pub const MAP: u8 = 19;
-    /// List (msgpack, opaque).
-    pub const LIST: u8 = 20;
-    /// GeoJSON (opaque).
-    pub const GEOJSON: u8 = 23;
-}
+pub use peregrine_index::particle;
 
 /// A bin name: 1 to 15 bytes, stored inline.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

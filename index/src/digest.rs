@@ -7,19 +7,12 @@ use std::fmt;
 
 use ripemd::{Digest as _, Ripemd160};
 
+use crate::particle;
+
 /// Length of a record digest in bytes.
 pub const DIGEST_LEN: usize = 20;
 /// Number of partitions a namespace is split into.
 pub const PARTITION_COUNT: usize = 4096;
-
-/// Particle-type byte hashed in front of an integer key (8 bytes, big-endian).
-pub const KEY_TYPE_INT: u8 = 1;
-/// Particle-type byte hashed in front of a float key (8 bytes IEEE-754, big-endian).
-pub const KEY_TYPE_FLOAT: u8 = 2;
-/// Particle-type byte hashed in front of a string key (UTF-8 bytes).
-pub const KEY_TYPE_STRING: u8 = 3;
-/// Particle-type byte hashed in front of a blob key (raw bytes).
-pub const KEY_TYPE_BLOB: u8 = 4;
 
 /// The 20-byte RIPEMD-160 digest that identifies a record within a namespace.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -68,10 +61,10 @@ impl KeyRef<'_> {
     /// The particle-type byte hashed in front of the key bytes.
     pub fn particle_type(&self) -> u8 {
         match self {
-            KeyRef::Int(_) => KEY_TYPE_INT,
-            KeyRef::Float(_) => KEY_TYPE_FLOAT,
-            KeyRef::String(_) => KEY_TYPE_STRING,
-            KeyRef::Blob(_) => KEY_TYPE_BLOB,
+            KeyRef::Int(_) => particle::INTEGER,
+            KeyRef::Float(_) => particle::FLOAT,
+            KeyRef::String(_) => particle::STRING,
+            KeyRef::Blob(_) => particle::BLOB,
         }
     }
 }

@@ -8,15 +8,13 @@
 
 mod digest;
 mod entry;
+pub mod particle;
 mod slots;
 mod table;
 
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-pub use digest::{
-    DIGEST_LEN, Digest, KEY_TYPE_BLOB, KEY_TYPE_FLOAT, KEY_TYPE_INT, KEY_TYPE_STRING, KeyRef, PARTITION_COUNT,
-    PartitionId,
-};
+pub use digest::{DIGEST_LEN, Digest, KeyRef, PARTITION_COUNT, PartitionId};
 pub use entry::{
     DEVICE_BYTES_MAX, DEVICES_MAX, Entry, EntryFlags, LAST_UPDATE_MS_MAX, LOCATION_ALIGN_BYTES, Location,
     PACKED_ENTRY_LEN, RECORD_EXTENT_BYTES_MAX, SET_ID_MAX,

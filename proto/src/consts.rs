@@ -174,29 +174,8 @@ pub mod op {
     pub const HLL_MODIFY: u8 = 16;
 }
 
-/// Particle types.
-pub mod particle {
-    /// Null.
-    pub const NULL: u8 = 0;
-    /// Integer (8 bytes big-endian).
-    pub const INTEGER: u8 = 1;
-    /// Float (8 bytes big-endian IEEE-754).
-    pub const FLOAT: u8 = 2;
-    /// String.
-    pub const STRING: u8 = 3;
-    /// Blob.
-    pub const BLOB: u8 = 4;
-    /// Boolean (1 byte).
-    pub const BOOL: u8 = 17;
-    /// HyperLogLog.
-    pub const HLL: u8 = 18;
-    /// Map (msgpack).
-    pub const MAP: u8 = 19;
-    /// List (msgpack).
-    pub const LIST: u8 = 20;
-    /// GeoJSON.
-    pub const GEOJSON: u8 = 23;
-}
+/// Particle types (defined once, in `peregrine_index::particle`).
+pub use peregrine_index::particle;
 
 /// Result codes.
 pub mod result {

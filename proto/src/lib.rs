@@ -3,7 +3,8 @@
 //! scans and zlib-compressed frames.
 //!
 //! Architecture invariant: this is the only crate that knows the wire format. It depends on
-//! nothing of the engine; values stay (particle type, bytes) here.
+//! nothing of the engine; values stay (particle type, bytes) here. Record identity and the
+//! particle-type codes come from `peregrine-index`.
 
 pub mod batch;
 #[cfg(feature = "client")]
