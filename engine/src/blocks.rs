@@ -10,14 +10,36 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-/// A position in one stream's write order: block sequence in the high 32 bits, byte offset
-/// within the block in the low 32. Later writes of a stream have larger positions.
+use crate::completion::{Completer, Completion, completion};
+
+/// A position in one stream's write order: the block sequence in the high
+/// [`SEQUENCE_BITS`] bits, the byte offset within the block (in 16-byte record units) in the
+/// low [`OFFSET_BITS`]. Later writes of a stream have larger positions.
 pub type WritePos = u64;
 
-/// Builds a [`WritePos`].
+/// Bits of a [`WritePos`] holding the offset within the block, in 16-byte units (an 8 MiB
+/// block has 2^19 of them; the all-ones value means "the end of the block").
+pub const OFFSET_BITS: u32 = 20;
+/// Bits of a [`WritePos`] holding the block sequence: 2^44 blocks is 17 years of 128 KiB
+/// blocks written at 4 GB/s.
+pub const SEQUENCE_BITS: u32 = 64 - OFFSET_BITS;
+/// Block sequences must stay below this (checked in release builds: positions would stop
+/// ordering writes, and a block could be freed while a crash still needs it).
+pub const SEQUENCE_LIMIT: u64 = 1 << SEQUENCE_BITS;
+const OFFSET_END: u64 = (1 << OFFSET_BITS) - 1;
+
+/// Builds a [`WritePos`]. `offset_in_block` is a multiple of 16, or `u32::MAX` for the end of
+/// the block.
 pub fn write_pos(sequence: u64, offset_in_block: u32) -> WritePos {
-    debug_assert!(sequence < 1 << 32, "block sequence overflowed 32 bits");
-    (sequence << 32) | u64::from(offset_in_block)
+    assert!(sequence < SEQUENCE_LIMIT, "block sequence {sequence} reached 2^{SEQUENCE_BITS}");
+    let units = if offset_in_block == u32::MAX {
+        OFFSET_END
+    } else {
+        debug_assert!(offset_in_block.is_multiple_of(16), "write position offset {offset_in_block} is not record aligned");
+        u64::from(offset_in_block / 16)
+    };
+    debug_assert!(units <= OFFSET_END, "offset {offset_in_block} does not fit a write position");
+    (sequence << OFFSET_BITS) | units
 }
 
 /// The write streams of a device, each with its own open block and flusher.
@@ -38,6 +60,10 @@ pub enum Purpose {
     Write,
     /// Tombstones: allowed below stop-writes (deletes free space), not into the defrag reserve.
     Delete,
+    /// Versions decided elsewhere (a replication log entry another replica may already hold):
+    /// allowed below stop-writes like deletes, so one replica does not refuse an entry its
+    /// peers took; not into the defrag reserve.
+    Replica,
     /// Defrag moves: may use every free block.
     Defrag,
 }
@@ -86,6 +112,8 @@ struct Slot {
 struct FreeLists {
     free: Vec<u32>,
     pending: Vec<u32>,
+    /// Async writers waiting for a block to be freed (see [`BlockTable::space_wait`]).
+    waiters: Vec<Completer<()>>,
 }
 
 /// Counts by state, for stats.
@@ -151,7 +179,7 @@ impl BlockTable {
     ) -> BlockTable {
         BlockTable {
             slots: (0..count).map(|_| Slot::default()).collect(),
-            lists: Mutex::new(FreeLists { free: (0..count).rev().collect(), pending: Vec::new() }),
+            lists: Mutex::new(FreeLists { free: (0..count).rev().collect(), pending: Vec::new(), waiters: Vec::new() }),
             freed: Condvar::new(),
             next_sequence: AtomicU64::new(next_sequence.max(1)),
             durable: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -320,10 +348,33 @@ impl BlockTable {
         lists.free.len() as u32 > keep
     }
 
+    /// A completion that settles when blocks are next freed, or at the latest at the next
+    /// [`BlockTable::wake_space_waiters`] (the maintenance thread calls it every second), so
+    /// an async writer can wait for space without parking a thread.
+    pub fn space_wait(&self, purpose: Purpose) -> Completion<()> {
+        let (tx, rx) = completion();
+        let mut lists = self.lists();
+        if lists.free.len() as u32 > self.keep_for(purpose) {
+            drop(lists);
+            tx.complete(());
+        } else {
+            lists.waiters.push(tx);
+        }
+        rx
+    }
+
+    /// Settles every [`BlockTable::space_wait`] completion (they check their deadlines).
+    pub fn wake_space_waiters(&self) {
+        let waiters = std::mem::take(&mut self.lists().waiters);
+        for w in waiters {
+            w.complete(());
+        }
+    }
+
     fn keep_for(&self, purpose: Purpose) -> u32 {
         match purpose {
             Purpose::Write => self.reserves.stop_writes_blocks,
-            Purpose::Delete => self.reserves.defrag_reserve_blocks,
+            Purpose::Delete | Purpose::Replica => self.reserves.defrag_reserve_blocks,
             Purpose::Defrag => 0,
         }
     }
@@ -370,7 +421,7 @@ impl BlockTable {
     fn release_pending(&self) -> usize {
         let durable: [WritePos; STREAMS] = std::array::from_fn(|i| self.durable[i].load(Ordering::SeqCst));
         let mut lists = self.lists();
-        let FreeLists { free, pending } = &mut *lists;
+        let FreeLists { free, pending, .. } = &mut *lists;
         let before = free.len();
         pending.retain(|&block| {
             let s = &self.slots[block as usize];
@@ -382,7 +433,11 @@ impl BlockTable {
             !safe
         });
         let released = free.len() - before;
+        let waiters = if released > 0 { std::mem::take(&mut lists.waiters) } else { Vec::new() };
         drop(lists);
+        for w in waiters {
+            w.complete(());
+        }
         if released > 0 {
             self.freed.notify_all();
         }
@@ -459,6 +514,26 @@ mod tests {
         BlockTable::new(n, 1 << 20, 1, Reserves::default(), 50)
     }
 
+    /// Sequences past 2^32 used to wrap in release builds (shifted out of a u64), so a later
+    /// write could compare as older and a block be freed while a crash still needed it.
+    #[test]
+    fn write_positions_order_past_32_bit_sequences() {
+        let big = 1u64 << 32;
+        assert!(write_pos(big, 64) > write_pos(big - 1, u32::MAX));
+        assert!(write_pos(big + 1, 0) > write_pos(big, 8 * 1024 * 1024));
+        assert!(write_pos(SEQUENCE_LIMIT - 1, 16) > write_pos(SEQUENCE_LIMIT - 2, u32::MAX));
+        assert!(write_pos(5, 8 * 1024 * 1024) < write_pos(5, u32::MAX));
+        let t = BlockTable::new(4, 1 << 20, big + 7, Reserves::default(), 50);
+        let (_, seq) = t.allocate(Purpose::Write).unwrap();
+        assert_eq!(seq, big + 7);
+    }
+
+    #[test]
+    #[should_panic(expected = "reached 2^44")]
+    fn a_sequence_beyond_the_limit_is_refused_loudly() {
+        let _ = write_pos(SEQUENCE_LIMIT, 0);
+    }
+
     #[test]
     fn block_is_freed_only_after_its_killers_are_durable_in_every_stream() {
         let t = table(4);
@@ -467,11 +542,11 @@ mod tests {
         t.add_live(b, 100);
         t.mark_sealed(b);
         t.mark_used(b);
-        t.remove_live(b, 60, Stream::Client, write_pos(2, 500));
+        t.remove_live(b, 60, Stream::Client, write_pos(2, 496));
         t.remove_live(b, 40, Stream::Defrag, write_pos(3, 64));
         assert_eq!(t.state(b), BlockState::PendingFree);
-        assert_eq!(t.set_durable(Stream::Client, write_pos(2, 500)), 0, "defrag stream not yet durable");
-        assert_eq!(t.set_durable(Stream::Defrag, write_pos(3, 63)), 0);
+        assert_eq!(t.set_durable(Stream::Client, write_pos(2, 496)), 0, "defrag stream not yet durable");
+        assert_eq!(t.set_durable(Stream::Defrag, write_pos(3, 48)), 0);
         assert_eq!(t.set_durable(Stream::Defrag, write_pos(3, 64)), 1);
         assert_eq!(t.state(b), BlockState::Free);
     }
@@ -574,7 +649,7 @@ mod tests {
         let second = t.take_defrag_candidate().unwrap();
         assert_eq!(t.live_bytes(second), 300_000);
         assert_eq!(t.take_defrag_candidate(), None, "the 60 % block stays");
-        t.remove_live(first, 100_000, Stream::Defrag, write_pos(9, 100));
+        t.remove_live(first, 100_000, Stream::Defrag, write_pos(9, 96));
         t.finish_defrag(first);
         assert_eq!(t.state(first), BlockState::PendingFree);
         t.finish_defrag(second);

@@ -10,6 +10,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
 use crate::format::{DATA_OFFSET_BYTES, WRITE_BLOCK_BYTES_MAX, WRITE_BLOCK_BYTES_MIN, block_header, device_header};
 use crate::io::IoOptions;
+pub use crate::writer::WriterConfig;
 
 /// Default record size limit (Aerospike's `max-record-size` default).
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
@@ -17,6 +18,20 @@ pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
 pub const BLOCKS_PER_DEVICE_MIN: u64 = 4;
 /// Upper bound of `defrag_wait_ms`: a write should fail long before a client times out.
 pub const MAX_DEFRAG_WAIT_MS: u64 = 10_000;
+
+/// Who removes expired records and evicts: the engine itself, or the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MaintenanceMode {
+    /// A stand-alone namespace: the maintenance thread removes expired records and evicts,
+    /// writing tombstones stamped with the local clock.
+    #[default]
+    Standalone,
+    /// A replicated namespace: the engine writes nothing on its own; it hands expiry and
+    /// eviction candidates to the caller ([`crate::Engine::expiry_candidates`],
+    /// [`crate::Engine::eviction_candidates`]), which proposes the deletions through its log so
+    /// every replica applies the same ones. Expired records still read as not found.
+    External,
+}
 
 /// One device of the namespace.
 #[derive(Clone, Debug)]
@@ -40,27 +55,10 @@ pub struct EngineConfig {
     /// Largest record accepted (serialized size). 0 means the default: 1 MiB (as Aerospike), or
     /// the write block minus its header if that is smaller.
     pub max_record_bytes: u32,
-    /// A partly filled write block is flushed after this long (0 = only when full).
-    pub flush_interval_ms: u64,
     /// `put` returns only once the record is durable (group commit with fdatasync).
     pub commit_to_device: bool,
-    /// Recently written blocks kept in memory to serve reads, per device.
-    pub post_write_cache_bytes: u64,
-    /// While reads are active, device writes are issued in pieces of at most this size, so
-    /// reads do not queue behind large writes.
-    pub write_chunk_bytes: u32,
-    /// While reads are active, at most this many write pieces are in flight per device.
-    pub write_queue_depth: u32,
-    /// When no read has reached the device for `bulk_write_after_read_quiet_ms`, writes use
-    /// pieces of this size (bulk loads run at the device's write bandwidth).
-    pub bulk_write_chunk_bytes: u32,
-    /// ... and this many pieces in flight.
-    pub bulk_write_queue_depth: u32,
-    /// How long without device reads before writes switch to bulk pieces.
-    pub bulk_write_after_read_quiet_ms: u64,
-    /// Full write blocks waiting for the device beyond this many bytes make writes fail fast
-    /// with "device overload" instead of growing memory.
-    pub max_write_queue_bytes: u64,
+    /// How each device's writers fill, flush and pace write blocks.
+    pub writer: WriterConfig,
     /// TTL applied when a write asks for the namespace default (0 = never expire).
     pub default_ttl_s: u32,
     /// Reformat devices that hold foreign or mismatched data (destroys it). Blank devices are
@@ -93,6 +91,8 @@ pub struct EngineConfig {
     pub tomb_raider_period_s: u64,
     /// Run the tomb raider early once tombstones exceed this percentage of index entries.
     pub tomb_raider_tombstone_pct: u32,
+    /// Who runs expiry and eviction (see [`MaintenanceMode`]).
+    pub maintenance: MaintenanceMode,
     /// How long to wait for a device held by another process before failing with "device in
     /// use" (a killed process releases its devices a few milliseconds after it dies).
     pub device_lock_wait_ms: u64,
@@ -110,15 +110,8 @@ impl EngineConfig {
             devices,
             write_block_bytes: WRITE_BLOCK_BYTES_MAX,
             max_record_bytes: 0,
-            flush_interval_ms: 1000,
             commit_to_device: false,
-            post_write_cache_bytes: 64 * 1024 * 1024,
-            write_chunk_bytes: 128 * 1024,
-            write_queue_depth: 2,
-            bulk_write_chunk_bytes: 1024 * 1024,
-            bulk_write_queue_depth: 4,
-            bulk_write_after_read_quiet_ms: 100,
-            max_write_queue_bytes: 64 * 1024 * 1024,
+            writer: WriterConfig::default(),
             default_ttl_s: 0,
             format_foreign_devices: false,
             defrag_lwm_pct: 50,
@@ -132,6 +125,7 @@ impl EngineConfig {
             evict_step_tenths_pct: 5,
             tomb_raider_period_s: 3600,
             tomb_raider_tombstone_pct: 10,
+            maintenance: MaintenanceMode::Standalone,
             device_lock_wait_ms: 2000,
             io: IoOptions::default(),
             clock: Arc::new(SystemClock),
@@ -193,15 +187,14 @@ impl EngineConfig {
                 self.max_record_bytes
             ));
         }
-        for (name, chunk) in
-            [("write_chunk_bytes", self.write_chunk_bytes), ("bulk_write_chunk_bytes", self.bulk_write_chunk_bytes)]
+        let w = &self.writer;
+        for (name, chunk) in [("write_chunk_bytes", w.write_chunk_bytes), ("bulk_write_chunk_bytes", w.bulk_write_chunk_bytes)]
         {
             if !chunk.is_power_of_two() || chunk < 4096 {
                 return bad(format!("{name} must be a power of two of at least 4096, got {chunk}"));
             }
         }
-        for (name, depth) in
-            [("write_queue_depth", self.write_queue_depth), ("bulk_write_queue_depth", self.bulk_write_queue_depth)]
+        for (name, depth) in [("write_queue_depth", w.write_queue_depth), ("bulk_write_queue_depth", w.bulk_write_queue_depth)]
         {
             if depth == 0 || depth > 64 {
                 return bad(format!("{name} must be 1 to 64, got {depth}"));
@@ -219,7 +212,7 @@ impl EngineConfig {
         if self.evict_used_pct > 100 || self.evict_step_tenths_pct == 0 || self.evict_step_tenths_pct > 1000 {
             return bad("evict_used_pct must be 0 to 100 and evict_step_tenths_pct 1 to 1000".into());
         }
-        if self.max_write_queue_bytes < u64::from(wbs) {
+        if w.max_write_queue_bytes < u64::from(wbs) {
             return bad("max_write_queue_bytes must hold at least one write block".into());
         }
         for d in &self.devices {

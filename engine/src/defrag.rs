@@ -16,8 +16,9 @@ use crate::blocks::{BlockTable, Purpose};
 use crate::error::Error;
 use crate::format::block_header::BlockHeader;
 use crate::io::{AlignedBuf, DeviceIo, wait_io};
-use crate::recovery::{block_read_len, scan_block};
-use crate::writer::{Geometry, MemBlocks, Writer};
+use crate::geometry::Geometry;
+use crate::scan::{block_read_len, scan_block};
+use crate::writer::{MemBlocks, Writer};
 
 /// How long an idle defragmenter sleeps before looking for candidates again.
 const IDLE_WAIT: Duration = Duration::from_millis(200);

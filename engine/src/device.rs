@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -32,8 +32,6 @@ pub enum DeviceKind {
 /// An opened, exclusively locked device.
 #[derive(Debug)]
 pub struct OpenedDevice {
-    /// The path it was opened by.
-    pub path: PathBuf,
     /// Block device or file.
     pub kind: DeviceKind,
     /// Usable size in bytes.
@@ -105,7 +103,7 @@ pub fn open_device(path: &Path, file_size_bytes: Option<u64>, lock_wait_ms: u64)
         let current = file.metadata().map_err(|e| io_err(path, "stat of", e))?.len();
         (DeviceKind::File, current, granule)
     };
-    Ok(OpenedDevice { path: path.to_path_buf(), kind, size_bytes, created: !exists, granule, file })
+    Ok(OpenedDevice { kind, size_bytes, created: !exists, granule, file })
 }
 
 /// Takes the exclusive advisory lock, failing fast when someone else holds it.
@@ -121,18 +119,6 @@ pub fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// Whether another process holds the device's lock (for offline tools). Opens read-only.
-pub fn is_locked_elsewhere(path: &Path) -> io::Result<bool> {
-    let file = File::open(path)?;
-    // SAFETY: flock on a descriptor we own; a shared lock conflicts with the engine's exclusive one.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(false);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(true) } else { Err(e) }
 }
 
 fn block_device_size(file: &File) -> io::Result<u64> {
@@ -233,10 +219,8 @@ mod tests {
         assert!(started.elapsed() >= std::time::Duration::from_millis(100), "did not wait for the lock");
         assert!(matches!(second, Error::DeviceInUse { .. }), "{second}");
         assert!(second.to_string().contains("in use"));
-        assert!(is_locked_elsewhere(&path).unwrap());
         drop(first);
-        assert!(!is_locked_elsewhere(&path).unwrap());
-        assert!(!open_device(&path, None, 0).unwrap().created);
+        assert!(!open_device(&path, None, 0).unwrap().created, "the lock goes with the handle");
     }
 
     #[test]

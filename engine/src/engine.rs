@@ -1,13 +1,14 @@
-//! The engine handle: opening a namespace's devices (verify or format their headers, recover
-//! the index), the per-device writers and flusher threads, clean shutdown, and stats.
+//! The engine handle: opening a namespace's devices (verify, format or upgrade their headers,
+//! read the metadata region, recover the index), the per-device writers and background
+//! threads, clean shutdown, and stats. Record operations are in `ops`, `write`, `snapshot`
+//! and `truncate`; the state they share is the [`Store`].
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use peregrine_index::{DEVICE_BYTES_MAX, Digest, Index};
+use peregrine_index::{DEVICE_BYTES_MAX, Index};
 
 use crate::blocks::{BlockCounts, BlockTable, Purpose, Stream};
 use crate::config::{BLOCKS_PER_DEVICE_MIN, EngineConfig};
@@ -16,67 +17,22 @@ use crate::device::{self, DeviceKind};
 use crate::error::{Error, Result};
 use crate::format::DATA_OFFSET_BYTES;
 use crate::format::device_header::{self, DeviceHeader, SlotDefect};
+use crate::format::metadata::MetadataImage;
+use crate::geometry::Geometry;
 use crate::io::{self, AlignedBuf, DeviceIo, IoBackendKind, SharedBuf, WriteSource, wait_io};
-use crate::recovery::{self, DeviceRecovery, RecoveryTarget};
+use crate::metadata::{self, Metadata, MetadataTarget};
+use crate::poison::{self, Poison};
+use crate::recovery::{self, DeviceRecovery, RecoveryShared, RecoveryTarget};
+use crate::scan::BlockSource;
 use crate::sets::SetRegistry;
-use crate::writer::{Geometry, MemBlocks, ReadActivity, Writer, WriterConfig};
-
-/// The device a digest's records live on: LE u32 of digest bytes 8..12, mod the device count.
-pub fn device_for(digest: &Digest, device_count: usize) -> usize {
-    let d = &digest.0;
-    u32::from_le_bytes([d[8], d[9], d[10], d[11]]) as usize % device_count.max(1)
-}
-
-pub(crate) struct Device {
-    pub(crate) label: String,
-    pub(crate) kind: DeviceKind,
-    pub(crate) io: Arc<dyn DeviceIo>,
-    /// Client writes.
-    pub(crate) writer: Arc<Writer>,
-    /// Defrag moves (never mixed with client writes).
-    pub(crate) defrag_writer: Arc<Writer>,
-    pub(crate) blocks: Arc<BlockTable>,
-    pub(crate) mem: Arc<MemBlocks>,
-    pub(crate) reads: Arc<ReadActivity>,
-    pub(crate) defrag: Arc<DefragCounters>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
-    header: Mutex<(DeviceHeader, usize)>,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) device_reads: AtomicU64,
-    pub(crate) device_read_bytes: AtomicU64,
-    pub(crate) memory_reads: AtomicU64,
-    pub(crate) record_reads_from_device: AtomicU64,
-    pub(crate) corruption_errors: AtomicU64,
-    pub(crate) read_retries: AtomicU64,
-    pub(crate) write_retries: AtomicU64,
-    pub(crate) records: AtomicI64,
-    pub(crate) tombstones: AtomicI64,
-    pub(crate) expired: AtomicU64,
-    pub(crate) evicted: AtomicU64,
-    pub(crate) tombstones_dropped: AtomicU64,
-}
-
-pub(crate) struct Inner {
-    pub(crate) config: EngineConfig,
-    pub(crate) index: Arc<Index>,
-    pub(crate) sets: SetRegistry,
-    pub(crate) devices: Vec<Device>,
-    pub(crate) counters: Counters,
-    recovery: Vec<DeviceRecovery>,
-    closed: AtomicBool,
-    /// Stops the defragmenters and the maintenance thread.
-    pub(crate) maintenance_stop: Arc<StopSignal>,
-    maintenance: Mutex<Option<JoinHandle<()>>>,
-}
+use crate::store::{Counters, Device, Store};
+use crate::writer::{MemBlocks, ReadActivity, Writer};
 
 /// A thread-safe handle to one namespace's storage. Clones share the engine; the devices are
 /// flushed and marked clean when [`Engine::close`] is called or the last handle is dropped.
 #[derive(Clone)]
 pub struct Engine {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) inner: Arc<Store>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -118,6 +74,18 @@ pub struct EngineStats {
     pub stop_writes: bool,
     /// Writes retried because the record changed meanwhile.
     pub write_retries: u64,
+    /// Replicated versions applied.
+    pub replica_applied: u64,
+    /// Replicated versions skipped because the index held the same or a newer version.
+    pub replica_stale: u64,
+    /// Replicated versions refused because the device was full (see [`Engine::replica_full`]).
+    pub replica_refused_full: u64,
+    /// Whether a replicated version was ever refused for want of space since open.
+    pub replica_full: bool,
+    /// Index entries removed by truncations.
+    pub truncated: u64,
+    /// Set when a background thread failed; every call fails with this reason.
+    pub poisoned: Option<String>,
     /// Per-device figures.
     pub devices: Vec<DeviceStats>,
 }
@@ -216,7 +184,8 @@ fn probe_header(io: &Arc<dyn DeviceIo>, label: &str, size: u64) -> Result<Probe>
 }
 
 impl Engine {
-    /// Opens (formatting blank devices) the namespace's devices and recovers the index from them.
+    /// Opens (formatting blank devices, upgrading format-1 devices) the namespace's devices and
+    /// recovers the index from them.
     pub fn open(config: EngineConfig) -> Result<Engine> {
         config.validate()?;
         let started = Instant::now();
@@ -241,8 +210,30 @@ impl Engine {
                 device_set_id: h.device_set_id,
             });
         }
-        let recovery =
-            if formatted { Vec::new() } else { Self::recover(&opened, &headers, &geometries, &tables, &index, &sets)? };
+        let targets: Vec<MetadataTarget> =
+            opened.iter().map(|o| MetadataTarget { label: o.label.clone(), io: o.io.clone() }).collect();
+        let set_id = headers[0].0.device_set_id;
+        let image = match metadata::read_newest(&targets, set_id)? {
+            Some(img) => img,
+            None => {
+                // Format 1 devices (and devices formatted by format 1 tools) have no metadata
+                // region yet: write an empty one before the headers say format 2.
+                let mut img = MetadataImage::empty(set_id);
+                img.generation = 1;
+                if !formatted {
+                    tracing::info!(namespace = %config.namespace, "upgrading the devices to format 2 (adding the metadata region)");
+                }
+                metadata::write_image(&targets, &img)?;
+                img
+            }
+        };
+        let recovery = if formatted {
+            Vec::new()
+        } else {
+            Self::recover(&opened, &headers, &geometries, &tables, &index, &sets, &image)?
+        };
+        let poison = Arc::new(Poison::default());
+        let meta = Metadata::start(image, targets, &config.namespace)?;
         let stop = Arc::new(StopSignal::default());
         let mut devices = Vec::new();
         for (i, (o, (header, slot))) in opened.into_iter().zip(headers).enumerate() {
@@ -250,6 +241,7 @@ impl Engine {
             let was_clean = header.clean_shutdown;
             header.clean_shutdown = false;
             header.generation += 1;
+            header.format_version = device_header::FORMAT_VERSION;
             let dirty_slot = 1 - slot;
             write_header_slot(&o.io, &o.label, &header, dirty_slot)?;
             if !was_clean && !o.created {
@@ -257,17 +249,7 @@ impl Engine {
             }
             let mem: Arc<MemBlocks> = Arc::default();
             let reads: Arc<ReadActivity> = Arc::default();
-            let writer_config = WriterConfig {
-                flush_interval_ms: config.flush_interval_ms,
-                post_write_cache_bytes: config.post_write_cache_bytes,
-                write_chunk_bytes: config.write_chunk_bytes,
-                write_queue_depth: config.write_queue_depth,
-                bulk_write_chunk_bytes: config.bulk_write_chunk_bytes,
-                bulk_write_queue_depth: config.bulk_write_queue_depth,
-                bulk_write_after_read_quiet_ms: config.bulk_write_after_read_quiet_ms,
-                max_write_queue_bytes: config.max_write_queue_bytes,
-            };
-            let new_writer = |stream: Stream, cfg: WriterConfig| {
+            let new_writer = |stream: Stream, cfg: crate::writer::WriterConfig| {
                 Arc::new(Writer::new(
                     o.label.clone(),
                     stream,
@@ -278,11 +260,15 @@ impl Engine {
                     config.clock.clone(),
                     mem.clone(),
                     reads.clone(),
+                    poison.clone(),
                 ))
             };
-            let writer = new_writer(Stream::Client, writer_config.clone());
+            let writer = new_writer(Stream::Client, config.writer.clone());
             // Moved records are cold: the defrag stream keeps no post-write cache.
-            let defrag_writer = new_writer(Stream::Defrag, WriterConfig { post_write_cache_bytes: 0, ..writer_config });
+            let defrag_writer = new_writer(
+                Stream::Defrag,
+                crate::writer::WriterConfig { post_write_cache_bytes: 0, ..config.writer.clone() },
+            );
             let defrag = Arc::new(DefragCounters::default());
             let defragmenter = Defragmenter {
                 label: o.label.clone(),
@@ -305,10 +291,14 @@ impl Engine {
                         .map_err(|e| Error::io("starting a flusher thread", e))?,
                 );
             }
+            let defrag_poison = poison.clone();
+            let what = format!("the defragmenter of {}", o.label);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("defrag {}", o.label))
-                    .spawn(move || defragmenter.run())
+                    .spawn(move || {
+                        poison::guard(&defrag_poison, &what, || defragmenter.run());
+                    })
                     .map_err(|e| Error::io("starting a defrag thread", e))?,
             );
             drop(o.control);
@@ -319,30 +309,35 @@ impl Engine {
                 writer,
                 defrag_writer,
                 blocks: tables[i].clone(),
-                mem,
                 reads,
                 defrag,
                 threads: Mutex::new(threads),
                 header: Mutex::new((header, dirty_slot)),
             });
         }
-        let inner = Inner {
+        let inner = Store {
             config,
             index,
             sets,
             devices,
             counters: Counters::default(),
+            metadata: meta,
+            poison,
             recovery,
             closed: AtomicBool::new(false),
+            replica_full: AtomicBool::new(false),
             maintenance_stop: stop.clone(),
             maintenance: Mutex::new(None),
         };
         let engine = Engine { inner: Arc::new(inner) };
         engine.recount();
         let weak = Arc::downgrade(&engine.inner);
+        let maintenance_poison = engine.inner.poison.clone();
         let handle = std::thread::Builder::new()
             .name(format!("maintenance {}", engine.inner.config.namespace))
-            .spawn(move || crate::maintenance::run(weak, stop))
+            .spawn(move || {
+                poison::guard(&maintenance_poison, "the maintenance thread", || crate::maintenance::run(weak, stop));
+            })
             .map_err(|e| Error::io("starting the maintenance thread", e))?;
         *engine.inner.maintenance.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
         tracing::info!(
@@ -475,6 +470,7 @@ impl Engine {
                 block_count: blocks as u32,
                 created_unix_ms: now,
                 namespace: config.namespace.clone(),
+                format_version: device_header::FORMAT_VERSION,
             };
             // Clear the other slot first so an older header there cannot win.
             let zero = DeviceHeader { generation: 0, ..header.clone() };
@@ -520,6 +516,7 @@ impl Engine {
         Ok(opened)
     }
 
+    #[allow(clippy::too_many_arguments, reason = "the parts of a namespace being recovered")]
     fn recover(
         opened: &[Opened],
         headers: &[(DeviceHeader, usize)],
@@ -527,22 +524,27 @@ impl Engine {
         tables: &[Arc<BlockTable>],
         index: &Index,
         sets: &SetRegistry,
+        image: &MetadataImage,
     ) -> Result<Vec<DeviceRecovery>> {
         let started = Instant::now();
+        let shared = RecoveryShared { index, sets, metadata: image, set_gate: RwLock::new(()) };
         let results: Vec<Result<DeviceRecovery>> = std::thread::scope(|s| {
             let handles: Vec<_> = opened
                 .iter()
                 .enumerate()
                 .map(|(i, o)| {
                     let target = RecoveryTarget {
-                        label: &o.label,
-                        io: &o.io,
-                        geometry: geometries[i],
-                        block_count: headers[i].0.block_count,
+                        source: BlockSource {
+                            label: &o.label,
+                            io: &o.io,
+                            geometry: geometries[i],
+                            block_count: headers[i].0.block_count,
+                        },
                         device_count: opened.len(),
                         blocks: &tables[i],
                     };
-                    s.spawn(move || recovery::recover_device(&target, index, sets))
+                    let shared = &shared;
+                    s.spawn(move || recovery::recover_device(&target, shared))
                 })
                 .collect();
             handles
@@ -656,6 +658,12 @@ impl Engine {
             corruption_errors: c.corruption_errors.load(Ordering::Relaxed),
             read_retries: c.read_retries.load(Ordering::Relaxed),
             write_retries: c.write_retries.load(Ordering::Relaxed),
+            replica_applied: c.replica_applied.load(Ordering::Relaxed),
+            replica_stale: c.replica_stale.load(Ordering::Relaxed),
+            replica_refused_full: c.replica_refused_full.load(Ordering::Relaxed),
+            replica_full: self.inner.replica_full.load(Ordering::Relaxed),
+            truncated: c.truncated.load(Ordering::Relaxed),
+            poisoned: self.inner.poison.reason().map(str::to_string),
             devices,
         }
     }
@@ -677,7 +685,7 @@ impl Engine {
     }
 }
 
-impl Inner {
+impl Store {
     fn shutdown(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -691,6 +699,8 @@ impl Inner {
                 first_error.get_or_insert(Error::Config("the maintenance thread panicked".into()));
             }
         }
+        // Updates already queued reach the devices before the headers are marked clean.
+        self.metadata.stop();
         for d in &self.devices {
             let threads = std::mem::take(&mut *d.threads.lock().unwrap_or_else(PoisonError::into_inner));
             let (flushers, others): (Vec<_>, Vec<_>) =
@@ -729,28 +739,12 @@ impl Inner {
         }
     }
 
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
-    }
 }
 
-impl Drop for Inner {
+impl Drop for Store {
     fn drop(&mut self) {
         if let Err(e) = self.shutdown() {
             tracing::error!(error = %e, "engine shutdown failed");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn device_choice_uses_digest_bytes_8_to_12() {
-        let mut d = Digest([0; 20]);
-        d.0[8] = 5;
-        assert_eq!(device_for(&d, 3), 2);
-        assert_eq!(device_for(&d, 1), 0);
     }
 }

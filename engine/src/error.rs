@@ -121,6 +121,9 @@ pub enum Error {
     /// The engine is shutting down.
     #[error("the engine is shut down")]
     Shutdown,
+    /// A background thread failed; the engine refuses every call until it is reopened.
+    #[error("the engine stopped working and must be reopened: {0}")]
+    Poisoned(String),
 }
 
 impl Error {

@@ -1,28 +1,15 @@
-//! Record operations on the engine: reads, writes with Aerospike's policies, deletes that leave
-//! tombstones, touch, a general read-modify-write, applying a version decided elsewhere (for
-//! replication and restore), and partition listing for scans.
-//!
-//! Writes are optimistic: read the current version without locks, decide the new version, then
-//! under the partition's write lock check that the index entry is unchanged, append to the
-//! device's write block and repoint the index. If the entry changed, decide again; after
-//! `WRITE_ATTEMPTS_MAX` tries the write fails with "key busy". No lock is held across I/O.
+//! Record operations with Aerospike's semantics: reads, writes with Aerospike's policies,
+//! deletes that leave tombstones, touch, and partition listing for scans. Writes go through
+//! `write.rs` (prepare, then apply): optimistic, no lock held across I/O, re-decided when the
+//! record changed meanwhile.
 
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use peregrine_index::{Digest, Entry, PartitionId};
 
-use peregrine_index::{Digest, Entry, EntryFlags, PartitionId};
-
-use crate::blocks::{Purpose, Stream, WritePos};
-use crate::clock::is_expired;
-use crate::completion::{Completion, block_on};
-use crate::engine::{Engine, device_for};
+use crate::completion::block_on;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::format::record as codec;
 use crate::policy::{BinSelection, GenerationPolicy, RecordExists, Ttl, WritePolicy};
-use crate::record::{Bin, Record, RecordMeta, RecordVersion, StoredKey, next_generation};
-
-/// How often a write re-decides because the record changed under it.
-const WRITE_ATTEMPTS_MAX: usize = 16;
+use crate::record::{Bin, Record, RecordMeta, StoredKey};
 /// Longest TTL accepted (10 years, as Aerospike).
 pub const TTL_SECONDS_MAX: u32 = 10 * 365 * 24 * 3600;
 
@@ -66,32 +53,10 @@ pub enum Applied {
     Unchanged,
 }
 
-/// What the index entry must be for a commit to go ahead.
-pub(crate) enum Expect {
-    /// Whatever it is (replication, restore).
-    Any,
-    /// Exactly this (an optimistic write's snapshot).
-    Exactly(Option<Entry>),
-}
-
 impl Engine {
-    fn ensure_open(&self) -> Result<()> {
-        if self.inner.is_closed() { Err(Error::Shutdown) } else { Ok(()) }
-    }
-
-    fn now_void(&self) -> u32 {
-        self.inner.config.clock.now_void_s()
-    }
-
-    /// The live (not deleted, not expired) entry of `digest`.
-    fn live_entry(&self, digest: &Digest) -> Option<Entry> {
-        let e = self.inner.index.get(digest)?;
-        (!e.is_tombstone() && !is_expired(e.void_time, self.now_void())).then_some(e)
-    }
-
     /// Void time for a write with `ttl`, given the record's current void time.
     pub fn void_time_for(&self, ttl: Ttl, current: Option<u32>) -> Result<u32> {
-        let now = self.now_void();
+        let now = self.inner.now_void();
         let relative = |s: u32| -> Result<u32> {
             if s > TTL_SECONDS_MAX {
                 return Err(Error::Parameter(format!("TTL {s} s exceeds the maximum of {TTL_SECONDS_MAX} s")));
@@ -111,8 +76,8 @@ impl Engine {
 
     /// Metadata of a live record, from the index alone (no device read).
     pub fn exists(&self, digest: &Digest) -> Result<Option<RecordMeta>> {
-        self.ensure_open()?;
-        Ok(self.live_entry(digest).map(|e| meta_of(&e)))
+        self.inner.ensure_open()?;
+        Ok(self.inner.live_entry(digest).map(|e| meta_of(&e)))
     }
 
     /// Reads a record (blocking the calling thread for the device read).
@@ -123,8 +88,8 @@ impl Engine {
     /// Reads a record. Like every `*_async` method, it completes without suspending when the
     /// record is in memory: an async caller looping over it should yield now and then.
     pub async fn get_async(&self, digest: &Digest, bins: &BinSelection) -> Result<Record> {
-        self.ensure_open()?;
-        let entry = self.live_entry(digest).ok_or(Error::NotFound)?;
+        self.inner.ensure_open()?;
+        let entry = self.inner.live_entry(digest).ok_or(Error::NotFound)?;
         self.read_entry_async(&entry, bins).await
     }
 
@@ -245,201 +210,44 @@ impl Engine {
         }
     }
 
-    /// General read-modify-write: `decide` sees the current version (with its bins when
-    /// `read_existing` is set) and says what to store. It may run more than once if the record
-    /// changes concurrently, so it must not have side effects beyond its return value.
-    pub async fn modify_async<F>(&self, digest: &Digest, read_existing: bool, mut decide: F) -> Result<Applied>
-    where
-        F: FnMut(Option<Existing<'_>>) -> Result<Change>,
-    {
-        self.ensure_open()?;
-        for attempt in 0..WRITE_ATTEMPTS_MAX {
-            if attempt > 0 {
-                self.inner.counters.write_retries.fetch_add(1, Ordering::Relaxed);
-            }
-            let raw = self.inner.index.get(digest);
-            let live = raw.filter(|e| !e.is_tombstone() && !is_expired(e.void_time, self.now_void()));
-            let record = match (&live, read_existing) {
-                (Some(e), true) => match self.read_entry_async(e, &BinSelection::All).await {
-                    Ok(r) => Some(r),
-                    Err(Error::NotFound) => continue,
-                    Err(e) => return Err(e),
-                },
-                _ => None,
-            };
-            let existing = live.map(|e| Existing { meta: meta_of(&e), record: record.as_ref() });
-            let change = decide(existing)?;
-            // Last-update times order a record's versions (recovery keeps the latest): strictly
-            // above whatever the index holds, tombstones and expired versions included.
-            let lut = self.inner.config.clock.now_unix_ms().max(raw.map_or(0, |e| e.last_update_ms + 1));
-            let generation = live.map_or(1, |e| next_generation(e.generation));
-            let meta = RecordMeta { generation, void_time: 0, last_update_ms: lut };
-            let (version, applied) = match change {
-                Change::Nothing => return Ok(Applied::Unchanged),
-                Change::Put { bins, .. } if bins.is_empty() && live.is_none() => {
-                    return Ok(Applied::Unchanged);
-                }
-                Change::Delete if live.is_none() => return Ok(Applied::Unchanged),
-                Change::Put { set_name, bins, .. } if bins.is_empty() => {
-                    (RecordVersion::Tombstone { digest: *digest, set_name, meta }, Applied::Deleted)
-                }
-                Change::Delete => {
-                    let set_name = record
-                        .as_ref()
-                        .map(|r| r.set_name.clone())
-                        .unwrap_or_else(|| live.map(|e| self.inner.sets.name(e.set_id)).unwrap_or_default());
-                    (RecordVersion::Tombstone { digest: *digest, set_name, meta }, Applied::Deleted)
-                }
-                Change::Put { set_name, key, bins, void_time } => {
-                    let meta = RecordMeta { void_time, ..meta };
-                    let r = Record { digest: *digest, set_name, key, meta, bins };
-                    (RecordVersion::Live(r), Applied::Written(meta))
-                }
-            };
-            let durable = self.inner.config.commit_to_device;
-            let purpose = if matches!(applied, Applied::Deleted) { Purpose::Delete } else { Purpose::Write };
-            match self.commit(&version, Expect::Exactly(raw), durable, purpose)? {
-                None => continue,
-                Some(wait) => {
-                    if let Some(c) = wait {
-                        c.await.unwrap_or(Err(Error::Shutdown))?;
-                    }
-                    return Ok(applied);
-                }
-            }
-        }
-        Err(Error::KeyBusy)
-    }
-
-    /// Stores a version decided elsewhere (a replication log entry, a restore) exactly as given,
-    /// replacing whatever the index holds.
-    pub fn apply_version(&self, version: &RecordVersion) -> Result<()> {
-        self.ensure_open()?;
-        let durable = self.inner.config.commit_to_device;
-        let purpose = if matches!(version, RecordVersion::Tombstone { .. }) { Purpose::Delete } else { Purpose::Write };
-        if let Some(Some(c)) = self.commit(version, Expect::Any, durable, purpose)? {
-            c.wait().unwrap_or(Err(Error::Shutdown))?;
-        }
-        Ok(())
-    }
-
-    /// Appends `version` and repoints the index, if the entry is still `expect`. Returns
-    /// `None` on a conflict, else the durability wait when one was asked for.
-    pub(crate) fn commit(
-        &self,
-        version: &RecordVersion,
-        expect: Expect,
-        durable: bool,
-        purpose: Purpose,
-    ) -> Result<Option<Option<Completion<Result<()>>>>> {
-        let digest = *version.digest();
-        let mut bytes = Vec::with_capacity(256);
-        codec::encode(version, &mut bytes)?;
-        let max = self.inner.config.effective_max_record_bytes();
-        if bytes.len() > max {
-            return Err(Error::RecordTooBig { size: bytes.len(), max });
-        }
-        let (set_name, tombstone, key_stored) = match version {
-            RecordVersion::Live(r) => (&r.set_name, false, r.key.is_some()),
-            RecordVersion::Tombstone { set_name, .. } => (set_name, true, false),
-        };
-        let set_id = self.inner.sets.id_for(set_name)?;
-        let meta = *version.meta();
-        let dev = &self.inner.devices[device_for(&digest, self.inner.devices.len())];
-        let mut wait_deadline: Option<Instant> = None; // set by the first refusal only
-        let (mut table, current, hint, appended) = loop {
-            let table = self.inner.index.write(digest.partition());
-            let (current, hint) = table.lookup(&digest);
-            if let Expect::Exactly(expected) = expect
-                && current != expected
-            {
-                return Ok(None);
-            }
-            match dev.writer.append(&mut bytes, durable, purpose) {
-                Ok(appended) => break (table, current, hint, appended),
-                // Out of free blocks while defrag reclaims dead space: wait for it (without
-                // the partition lock, which defrag needs), then try again.
-                Err(e @ Error::DeviceOverload(_)) => {
-                    drop(table);
-                    let now = Instant::now();
-                    let deadline =
-                        *wait_deadline.get_or_insert(now + Duration::from_millis(self.inner.config.defrag_wait_ms));
-                    let blocks = dev.writer.blocks();
-                    if now >= deadline
-                        || blocks.can_allocate(purpose)
-                        || !blocks.wait_for_space(purpose, deadline - now)
-                    {
-                        return Err(e);
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        let entry = Entry {
-            digest,
-            set_id,
-            location: appended.location,
-            generation: meta.generation,
-            void_time: meta.void_time,
-            last_update_ms: meta.last_update_ms,
-            flags: EntryFlags::empty()
-                .with(EntryFlags::TOMBSTONE, tombstone)
-                .with(EntryFlags::KEY_STORED, key_stored)
-                .with(EntryFlags::OLDER_COPIES, current.is_some()),
-        };
-        table.insert_hinted(entry, hint);
-        if let Some(old) = &current {
-            self.release(old, Stream::Client, appended.pos);
-        }
-        drop(table);
-        self.count_transition(current.as_ref(), &entry);
-        Ok(Some(appended.durable))
-    }
-
-    /// The old version at `old` died because of the write at `killer` in `stream`.
-    pub(crate) fn release(&self, old: &Entry, stream: Stream, killer: WritePos) {
-        if let Some(dev) = self.inner.devices.get(usize::from(old.location.device)) {
-            let (block, _) = dev.writer.geometry().split(old.location.offset);
-            dev.blocks.remove_live(block, u64::from(old.location.size), stream, killer);
-        }
-    }
-
-    fn count_transition(&self, old: Option<&Entry>, new: &Entry) {
-        let c = &self.inner.counters;
-        match old {
-            Some(o) if o.is_tombstone() => c.tombstones.fetch_sub(1, Ordering::Relaxed),
-            Some(_) => c.records.fetch_sub(1, Ordering::Relaxed),
-            None => 0,
-        };
-        if new.is_tombstone() {
-            c.tombstones.fetch_add(1, Ordering::Relaxed);
-        } else {
-            c.records.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// Live records of partition `pid` with digest greater than `after`, in digest order, from
     /// the index alone. Read each with [`Engine::read_entry_async`]; one that was deleted
     /// meanwhile reads as not found.
     pub fn partition_entries(&self, pid: PartitionId, after: Option<&Digest>) -> Vec<Entry> {
-        let now = self.now_void();
+        let now = self.inner.now_void();
         let mut entries = self.inner.index.sorted_entries(pid, after);
-        entries.retain(|e| !e.is_tombstone() && !is_expired(e.void_time, now));
+        entries.retain(|e| self.inner.is_live(e, now));
         entries
     }
 
-    /// Every version in partition `pid` (tombstones included), in digest order, for streaming a
-    /// partition to a replica. Versions that changed meanwhile are skipped.
-    pub async fn partition_versions_async(&self, pid: PartitionId) -> Result<Vec<RecordVersion>> {
-        let mut out = Vec::new();
-        for entry in self.inner.index.sorted_entries(pid, None) {
-            match self.read_entry_bytes(&entry).await {
-                Ok(bytes) => out.push(bytes.view().to_version()),
-                Err(Error::NotFound) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
+    /// Removes every expired record from the index and releases its space; returns how many.
+    /// (The maintenance thread does this every `expiry_period_s` in a stand-alone namespace.)
+    pub fn reap_expired(&self) -> u64 {
+        self.inner.reap_expired()
+    }
+
+    /// One eviction step if a high-water mark is exceeded; returns how many records it evicted.
+    pub fn evict_if_needed(&self) -> u64 {
+        self.inner.evict_if_needed()
+    }
+
+    /// Drops tombstones whose record has no older copy left on the devices or in memory;
+    /// returns how many it dropped.
+    pub fn raid_tombstones(&self) -> Result<u64> {
+        self.inner.raid_tombstones()
+    }
+
+    /// Up to `limit` expired records not yet removed, with their indexed metadata: in
+    /// [`crate::MaintenanceMode::External`] the caller deletes them (a leader proposes the
+    /// deletions through its log, so every replica removes the same records).
+    pub fn expiry_candidates(&self, limit: usize) -> Vec<(Digest, RecordMeta)> {
+        self.inner.expiry_candidates(limit)
+    }
+
+    /// Up to `limit` records one eviction step would remove now: none unless an eviction
+    /// high-water mark is exceeded on this node (see [`Engine::expiry_candidates`]).
+    pub fn eviction_candidates(&self, limit: usize) -> Vec<(Digest, RecordMeta)> {
+        self.inner.eviction_candidates(limit)
     }
 
     /// The id of a set name, if any record used it.
@@ -453,7 +261,7 @@ impl Engine {
     }
 }
 
-fn meta_of(e: &Entry) -> RecordMeta {
+pub(crate) fn meta_of(e: &Entry) -> RecordMeta {
     RecordMeta { generation: e.generation, void_time: e.void_time, last_update_ms: e.last_update_ms }
 }
 

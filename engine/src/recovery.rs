@@ -2,28 +2,28 @@
 //!
 //! Per device (devices in parallel): read every block header (4 KiB each, many in flight), then
 //! read each used block with one large sequential read (two in flight), verify every record and
-//! resolve copies of one digest so the newest version wins. Newest means the latest position in
-//! the device's write order: (block sequence, offset within the block). Tombstones take part
+//! resolve copies of one digest so the newest version wins ([`VersionKey`]: the latest
+//! last-update time, then the later position in the device's write order). Tombstones take part
 //! like any version, so a deleted record never comes back. Damaged or torn regions inside a
 //! block's recorded fill are skipped and reported; the scanner resynchronises on the next
-//! 16-byte boundary that holds a valid record.
+//! 16-byte boundary that holds a valid record. Copies covered by a truncation in the metadata
+//! region (an older partition epoch, or a last-update time at or before the namespace's or the
+//! set's cutoff) are dead and take no part.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use peregrine_index::{Entry, EntryFlags, Index, Location};
+use peregrine_index::{Entry, EntryFlags, Index, Location, PartitionId};
 
 use crate::blocks::{BlockTable, Stream};
 use crate::error::{Error, Result};
-use crate::format::block_header::{self, BlockHeader};
-use crate::format::{RECORD_ALIGN_BYTES, record};
-use crate::io::{AlignedBuf, DeviceIo, IO_ALIGN_BYTES, align_up, wait_io};
+use crate::format::metadata::MetadataImage;
+use crate::format::record;
+use crate::io::{AlignedBuf, wait_io};
+use crate::scan::{BlockSource, VersionKey, belongs_on, block_read_len, read_block_headers, scan_block};
 use crate::sets::SetRegistry;
-use crate::writer::Geometry;
 
-/// Block header reads in flight during the header pass.
-const HEADER_READS_IN_FLIGHT: usize = 64;
 /// Whole-block reads in flight during the data pass.
 const BLOCK_READS_IN_FLIGHT: usize = 2;
 
@@ -52,6 +52,8 @@ pub struct DeviceRecovery {
     pub bytes_read: u64,
     /// Records that verified (every version, live or not).
     pub records_scanned: u64,
+    /// Of those, copies a truncation covers (dead, their space reclaimed).
+    pub records_truncated: u64,
     /// Damaged or torn regions skipped.
     pub damaged: Vec<DamagedRegion>,
     /// Highest block sequence seen.
@@ -60,123 +62,57 @@ pub struct DeviceRecovery {
     pub elapsed: Duration,
 }
 
-/// The result of scanning one block's bytes.
-#[derive(Clone, Debug, Default)]
-pub struct BlockScan {
-    /// Records that verified.
-    pub records: u64,
-    /// Damaged regions, block-relative (start, end).
-    pub damaged: Vec<(u32, u32)>,
-    /// Block-relative offset where the last valid record ends.
-    pub end: u32,
-}
-
-/// Walks the records of one block. `bytes` starts at the block's first byte; `visit` gets each
-/// verified record with its block-relative offset.
-pub fn scan_block(
-    bytes: &[u8],
-    header: &BlockHeader,
-    mut visit: impl FnMut(u32, &record::RecordView<'_>),
-) -> BlockScan {
-    let fill = (header.fill_end as usize).max(block_header::BYTES).min(bytes.len());
-    let mut scan = BlockScan { end: block_header::BYTES as u32, ..BlockScan::default() };
-    let mut pos = block_header::BYTES;
-    let mut bad_start: Option<usize> = None;
-    while pos + record::HEADER_BYTES <= bytes.len() {
-        match record::parse(&bytes[pos..], header.sequence) {
-            Ok(view) => {
-                if let Some(start) = bad_start.take() {
-                    scan.damaged.push((start as u32, pos as u32));
-                }
-                visit(pos as u32, &view);
-                scan.records += 1;
-                pos += view.extent();
-                scan.end = pos as u32;
-            }
-            Err(_) if pos < fill => {
-                bad_start.get_or_insert(pos);
-                pos += RECORD_ALIGN_BYTES;
-            }
-            Err(_) => break,
-        }
-    }
-    if let Some(start) = bad_start {
-        scan.damaged.push((start as u32, fill.max(start + RECORD_ALIGN_BYTES) as u32));
-    }
-    scan
-}
-
 /// One device to recover.
 #[derive(Debug)]
 pub struct RecoveryTarget<'a> {
-    /// Device path, for messages.
-    pub label: &'a str,
-    /// The device's I/O.
-    pub io: &'a Arc<dyn DeviceIo>,
-    /// Where its blocks are.
-    pub geometry: Geometry,
-    /// Number of blocks.
-    pub block_count: u32,
+    /// The device's blocks.
+    pub source: BlockSource<'a>,
     /// Devices in the namespace (a record belongs to the device its digest selects).
     pub device_count: usize,
     /// The block table to fill in.
     pub blocks: &'a BlockTable,
 }
 
-/// Reads every block header; returns the valid ones of this device set.
-pub fn read_block_headers(target: &RecoveryTarget<'_>) -> Result<Vec<(u32, BlockHeader)>> {
-    let g = target.geometry;
-    let mut valid = Vec::new();
-    let mut in_flight = VecDeque::new();
-    let mut next = 0u32;
-    while next < target.block_count || !in_flight.is_empty() {
-        while next < target.block_count && in_flight.len() < HEADER_READS_IN_FLIGHT {
-            let c = target.io.read(g.block_offset(next), AlignedBuf::zeroed(IO_ALIGN_BYTES), IO_ALIGN_BYTES);
-            in_flight.push_back((next, c));
-            next += 1;
-        }
-        let Some((block, c)) = in_flight.pop_front() else {
-            break;
-        };
-        let buf = wait_io(c).map_err(|e| Error::io(format!("reading block {block} header of {}", target.label), e))?;
-        if let Some(h) = BlockHeader::decode(buf.as_slice())
-            && h.device_set_id == g.device_set_id
-            && h.block_index == block
-            && h.device_index == u32::from(g.device_index)
-        {
-            valid.push((block, h));
-        }
-    }
-    Ok(valid)
-}
-
-/// Bytes of a block worth reading: up to the recorded fill of a sealed block, else all of it.
-pub fn block_read_len(header: &BlockHeader, block_bytes: u32) -> usize {
-    if header.sealed && header.fill_end > 0 {
-        align_up(u64::from(header.fill_end), IO_ALIGN_BYTES as u64).min(u64::from(block_bytes)) as usize
-    } else {
-        block_bytes as usize
-    }
+/// What every device's recovery shares: the index and set registry being rebuilt, the durable
+/// metadata (truncations), and the gate that lets one thread reclaim set ids no winning version
+/// uses while the others wait.
+#[derive(Debug)]
+pub struct RecoveryShared<'a> {
+    /// The index being rebuilt.
+    pub index: &'a Index,
+    /// Set names seen so far.
+    pub sets: &'a SetRegistry,
+    /// Truncations in force.
+    pub metadata: &'a MetadataImage,
+    /// Held shared while a version is offered; exclusively while set ids are reclaimed.
+    pub set_gate: RwLock<()>,
 }
 
 /// Recovers one device into the shared index.
-pub fn recover_device(target: &RecoveryTarget<'_>, index: &Index, sets: &SetRegistry) -> Result<DeviceRecovery> {
+pub fn recover_device(target: &RecoveryTarget<'_>, shared: &RecoveryShared<'_>) -> Result<DeviceRecovery> {
     let started = Instant::now();
-    let g = target.geometry;
+    let g = target.source.geometry;
     let mut report = DeviceRecovery {
-        device: target.label.to_string(),
-        blocks_total: target.block_count,
+        device: target.source.label.to_string(),
+        blocks_total: target.source.block_count,
         ..DeviceRecovery::default()
     };
-    let mut headers = read_block_headers(target)?;
+    let mut headers = read_block_headers(&target.source)?;
     headers.sort_by_key(|(b, _)| *b);
     for (block, h) in &headers {
+        if h.sequence >= crate::blocks::SEQUENCE_LIMIT {
+            return Err(Error::Device {
+                path: target.source.label.into(),
+                detail: format!("block {block} has sequence {} beyond the supported range", h.sequence),
+            });
+        }
         target.blocks.set_sequence(*block, h.sequence);
         report.max_sequence = report.max_sequence.max(h.sequence);
     }
     report.blocks_with_data = headers.len() as u32;
-    report.bytes_read = headers.len() as u64 * IO_ALIGN_BYTES as u64;
+    report.bytes_read = headers.len() as u64 * crate::io::IO_ALIGN_BYTES as u64;
 
+    let io = target.source.io;
     let mut in_flight = VecDeque::new();
     let mut pending = headers.iter();
     let mut spare: Vec<AlignedBuf> = Vec::new();
@@ -187,19 +123,22 @@ pub fn recover_device(target: &RecoveryTarget<'_>, index: &Index, sets: &SetRegi
             };
             let len = block_read_len(h, g.block_bytes);
             let buf = spare.pop().unwrap_or_else(|| AlignedBuf::zeroed(g.block_bytes as usize));
-            in_flight.push_back((*block, *h, len, target.io.read(g.block_offset(*block), buf, len)));
+            in_flight.push_back((*block, *h, len, io.read(g.block_offset(*block), buf, len)));
         }
         let Some((block, header, len, c)) = in_flight.pop_front() else {
             break;
         };
-        let buf = wait_io(c).map_err(|e| Error::io(format!("reading block {block} of {}", target.label), e))?;
+        let buf =
+            wait_io(c).map_err(|e| Error::io(format!("reading block {block} of {}", target.source.label), e))?;
         report.bytes_read += len as u64;
         let mut failure = None;
         let scan = scan_block(&buf.as_slice()[..len], &header, |offset, view| {
-            if failure.is_none()
-                && let Err(e) = apply(target, index, sets, block, header.sequence, offset, view)
-            {
-                failure = Some(e);
+            if failure.is_none() {
+                match offer(target, shared, block, header.sequence, offset, view) {
+                    Ok(Offered::Truncated) => report.records_truncated += 1,
+                    Ok(_) => {}
+                    Err(e) => failure = Some(e),
+                }
             }
         });
         if let Some(e) = failure {
@@ -207,7 +146,7 @@ pub fn recover_device(target: &RecoveryTarget<'_>, index: &Index, sets: &SetRegi
         }
         report.records_scanned += scan.records;
         for (start, end) in scan.damaged {
-            tracing::warn!(device = target.label, block, start, end, "skipping damaged or torn bytes");
+            tracing::warn!(device = target.source.label, block, start, end, "skipping damaged or torn bytes");
             report.damaged.push(DamagedRegion { block, start, end });
         }
         spare.push(buf);
@@ -218,32 +157,98 @@ pub fn recover_device(target: &RecoveryTarget<'_>, index: &Index, sets: &SetRegi
     Ok(report)
 }
 
-/// Offers one verified record version to the index. The latest last-update time wins (write
-/// positions do not order versions: defrag moves land in their own blocks); a tie means the
-/// same version copied by defrag, and the later position is kept. A digest seen more than
-/// once is flagged as having older copies on the device.
-fn apply(
+enum Offered {
+    Indexed,
+    Older,
+    Truncated,
+    Elsewhere,
+}
+
+/// Offers one verified copy to the index: the newest copy by [`VersionKey`] wins; copies a
+/// truncation covers are dead; a digest seen more than once is flagged as having older copies
+/// on the device. Only a winning copy gets a set id, and when the ids run out, ids that no
+/// indexed version uses any more (set names only dead versions carried) are reclaimed first.
+fn offer(
     target: &RecoveryTarget<'_>,
-    index: &Index,
-    sets: &SetRegistry,
+    shared: &RecoveryShared<'_>,
     block: u32,
     sequence: u64,
     offset: u32,
     view: &record::RecordView<'_>,
-) -> Result<()> {
-    let g = target.geometry;
+) -> Result<Offered> {
+    let g = target.source.geometry;
     let digest = view.digest();
-    if crate::engine::device_for(&digest, target.device_count) != usize::from(g.device_index) {
-        tracing::warn!(device = target.label, block, offset, %digest, "record belongs to another device; ignored");
-        return Ok(());
+    if !belongs_on(&digest, g.device_index, target.device_count) {
+        tracing::warn!(device = target.source.label, block, offset, %digest, "record belongs to another device; ignored");
+        return Ok(Offered::Elsewhere);
     }
+    let meta = view.meta();
+    if shared.metadata.truncates(digest.partition().index(), view.partition_epoch(), view.set_name(), meta.last_update_ms)
+    {
+        return Ok(Offered::Truncated);
+    }
+    for attempt in 0..2 {
+        let gate = shared.set_gate.read().unwrap_or_else(PoisonError::into_inner);
+        match offer_gated(target, shared, block, sequence, offset, view) {
+            Err(Error::TooManySets { .. }) if attempt == 0 => {
+                drop(gate);
+                let _exclusive = shared.set_gate.write().unwrap_or_else(PoisonError::into_inner);
+                reclaim_set_ids(shared);
+            }
+            other => return other,
+        }
+    }
+    Err(Error::TooManySets { max: usize::from(peregrine_index::SET_ID_MAX) })
+}
+
+fn reclaim_set_ids(shared: &RecoveryShared<'_>) {
+    let mut used = vec![false; usize::from(peregrine_index::SET_ID_MAX) + 1];
+    for pid in PartitionId::all() {
+        for e in shared.index.read(pid).iter() {
+            used[usize::from(e.set_id)] = true;
+        }
+    }
+    let freed = shared.sets.retain_ids(|id| used[usize::from(id)]);
+    tracing::info!(freed, "set ids of names only dead versions carried were reclaimed");
+}
+
+fn offer_gated(
+    target: &RecoveryTarget<'_>,
+    shared: &RecoveryShared<'_>,
+    block: u32,
+    sequence: u64,
+    offset: u32,
+    view: &record::RecordView<'_>,
+) -> Result<Offered> {
+    let g = target.source.geometry;
+    let digest = view.digest();
     let extent = view.extent() as u64;
+    let meta = view.meta();
+    let candidate_key = VersionKey { last_update_ms: meta.last_update_ms, sequence, offset };
+    let mut table = shared.index.write(digest.partition());
+    let (existing, hint) = table.lookup(&digest);
+    if let Some(mut existing) = existing {
+        let (old_block, old_offset) = g.split(existing.location.offset);
+        let existing_key = VersionKey {
+            last_update_ms: existing.last_update_ms,
+            sequence: target.blocks.sequence(old_block),
+            offset: old_offset,
+        };
+        if candidate_key <= existing_key {
+            if !existing.flags.contains(EntryFlags::OLDER_COPIES) {
+                existing.flags = existing.flags.with(EntryFlags::OLDER_COPIES, true);
+                table.insert_hinted(existing, hint);
+            }
+            return Ok(Offered::Older);
+        }
+    }
+    let set_id = shared.sets.id_for(view.set_name())?;
     let location =
         Location { device: g.device_index, offset: g.block_offset(block) + u64::from(offset), size: extent as u32 };
-    let meta = view.meta();
-    let mut flags = EntryFlags::empty();
-    flags = flags.with(EntryFlags::TOMBSTONE, view.is_tombstone()).with(EntryFlags::KEY_STORED, view.has_key());
-    let set_id = sets.id_for(view.set_name())?;
+    let flags = EntryFlags::empty()
+        .with(EntryFlags::TOMBSTONE, view.is_tombstone())
+        .with(EntryFlags::KEY_STORED, view.has_key())
+        .with(EntryFlags::OLDER_COPIES, existing.is_some());
     let candidate = Entry {
         digest,
         set_id,
@@ -253,26 +258,11 @@ fn apply(
         last_update_ms: meta.last_update_ms,
         flags,
     };
-    let mut table = index.write(digest.partition());
-    let (existing, hint) = table.lookup(&digest);
-    match existing {
-        None => {
-            table.insert_hinted(candidate, hint);
-            target.blocks.add_live(block, extent);
-        }
-        Some(mut existing) => {
-            let (old_block, old_offset) = g.split(existing.location.offset);
-            let existing_key = (existing.last_update_ms, target.blocks.sequence(old_block), old_offset);
-            if (candidate.last_update_ms, sequence, offset) > existing_key {
-                let flagged = Entry { flags: candidate.flags.with(EntryFlags::OLDER_COPIES, true), ..candidate };
-                table.insert_hinted(flagged, hint);
-                target.blocks.add_live(block, extent);
-                target.blocks.remove_live(old_block, u64::from(existing.location.size), Stream::Client, 0);
-            } else if !existing.flags.contains(EntryFlags::OLDER_COPIES) {
-                existing.flags = existing.flags.with(EntryFlags::OLDER_COPIES, true);
-                table.insert_hinted(existing, hint);
-            }
-        }
+    table.insert_hinted(candidate, hint);
+    target.blocks.add_live(block, extent);
+    if let Some(old) = existing {
+        let (old_block, _) = g.split(old.location.offset);
+        target.blocks.remove_live(old_block, u64::from(old.location.size), Stream::Client, 0);
     }
-    Ok(())
+    Ok(Offered::Indexed)
 }

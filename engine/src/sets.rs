@@ -18,32 +18,63 @@ pub struct SetRegistry {
 #[derive(Debug, Default)]
 struct Inner {
     by_name: HashMap<Vec<u8>, u16>,
+    /// Name of id `i + 1`; empty for an id given back by [`SetRegistry::retain_ids`].
     names: Vec<Vec<u8>>,
+    /// Ids given back, reused before new ones.
+    free: Vec<u16>,
 }
 
 impl SetRegistry {
     /// The id of `name` (0 for the empty name), assigning one if it is new.
     pub fn id_for(&self, name: &[u8]) -> Result<u16> {
+        self.id_for_noting(name).map(|(id, _)| id)
+    }
+
+    /// Like [`SetRegistry::id_for`], also saying whether the id was assigned by this call.
+    pub fn id_for_noting(&self, name: &[u8]) -> Result<(u16, bool)> {
         if name.is_empty() {
-            return Ok(0);
+            return Ok((0, false));
         }
         if name.len() > SET_NAME_BYTES_MAX {
             return Err(Error::SetName { len: name.len(), max: SET_NAME_BYTES_MAX });
         }
         if let Some(id) = self.lookup(name) {
-            return Ok(id);
+            return Ok((id, false));
         }
         let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(&id) = inner.by_name.get(name) {
-            return Ok(id);
+            return Ok((id, false));
         }
-        if inner.names.len() >= usize::from(SET_ID_MAX) {
-            return Err(Error::TooManySets { max: usize::from(SET_ID_MAX) });
-        }
-        inner.names.push(name.to_vec());
-        let id = inner.names.len() as u16;
+        let id = if let Some(id) = inner.free.pop() {
+            inner.names[usize::from(id) - 1] = name.to_vec();
+            id
+        } else {
+            if inner.names.len() >= usize::from(SET_ID_MAX) {
+                return Err(Error::TooManySets { max: usize::from(SET_ID_MAX) });
+            }
+            inner.names.push(name.to_vec());
+            inner.names.len() as u16
+        };
         inner.by_name.insert(name.to_vec(), id);
-        Ok(id)
+        Ok((id, true))
+    }
+
+    /// Gives back every id for which `keep` is false (no indexed version uses it); returns how
+    /// many. The caller guarantees nobody is about to index a version with such an id.
+    pub fn retain_ids(&self, mut keep: impl FnMut(u16) -> bool) -> usize {
+        let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        let Inner { by_name, names, free } = &mut *inner;
+        let mut freed = 0;
+        for (i, name) in names.iter_mut().enumerate() {
+            let id = i as u16 + 1;
+            if !name.is_empty() && !keep(id) {
+                by_name.remove(name.as_slice());
+                name.clear();
+                free.push(id);
+                freed += 1;
+            }
+        }
+        freed
     }
 
     /// The id of `name` if it is known.
@@ -66,7 +97,7 @@ impl SetRegistry {
     /// Every known set name with its id.
     pub fn all(&self) -> Vec<(u16, Vec<u8>)> {
         let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
-        inner.names.iter().enumerate().map(|(i, n)| (i as u16 + 1, n.clone())).collect()
+        inner.names.iter().enumerate().filter(|(_, n)| !n.is_empty()).map(|(i, n)| (i as u16 + 1, n.clone())).collect()
     }
 }
 
@@ -87,5 +118,14 @@ mod tests {
             r.id_for(format!("s{i}").as_bytes()).unwrap();
         }
         assert!(matches!(r.id_for(b"one-too-many"), Err(Error::TooManySets { .. })));
+        // Giving ids back makes room; kept names keep their ids.
+        let freed = r.retain_ids(|id| id == a);
+        assert_eq!(freed, 4094);
+        assert_eq!(r.lookup(b"a"), Some(a));
+        assert_eq!(r.lookup(b"s7"), None);
+        let (again, new) = r.id_for_noting(b"one-too-many").unwrap();
+        assert!(new && again != a);
+        assert_eq!(r.name(again), b"one-too-many");
+        assert_eq!(r.all().len(), 2);
     }
 }

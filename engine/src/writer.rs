@@ -21,6 +21,8 @@ use crate::clock::Clock;
 use crate::completion::{Completer, Completion, completion};
 use crate::error::{Error, Result};
 use crate::format::{block_header, record};
+use crate::geometry::Geometry;
+use crate::poison::Poison;
 use crate::io::{AlignedBuf, DeviceIo, IO_ALIGN_BYTES, SharedBuf, WriteSource, align_down, align_up, wait_io};
 
 /// When a device last served a record read: its writers yield to reads for a while after.
@@ -79,50 +81,42 @@ pub struct Appended {
     pub durable: Option<Completion<Result<()>>>,
 }
 
-/// Tunables the writer needs.
-#[derive(Clone, Debug)]
+/// How a device's writers fill, flush and pace write blocks (part of [`crate::EngineConfig`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WriterConfig {
-    /// See [`crate::EngineConfig::flush_interval_ms`].
+    /// A partly filled write block is flushed after this long (0 = only when full).
     pub flush_interval_ms: u64,
-    /// See [`crate::EngineConfig::post_write_cache_bytes`].
+    /// Recently written blocks kept in memory to serve reads, per device.
     pub post_write_cache_bytes: u64,
-    /// See [`crate::EngineConfig::write_chunk_bytes`].
+    /// While reads are active, device writes are issued in pieces of at most this size, so
+    /// reads do not queue behind large writes.
     pub write_chunk_bytes: u32,
-    /// See [`crate::EngineConfig::write_queue_depth`].
+    /// While reads are active, at most this many write pieces are in flight per device.
     pub write_queue_depth: u32,
-    /// See [`crate::EngineConfig::bulk_write_chunk_bytes`].
+    /// When no read has reached the device for `bulk_write_after_read_quiet_ms`, writes use
+    /// pieces of this size (bulk loads run at the device's write bandwidth).
     pub bulk_write_chunk_bytes: u32,
-    /// See [`crate::EngineConfig::bulk_write_queue_depth`].
+    /// ... and this many pieces in flight.
     pub bulk_write_queue_depth: u32,
-    /// See [`crate::EngineConfig::bulk_write_after_read_quiet_ms`].
+    /// How long without device reads before writes switch to bulk pieces.
     pub bulk_write_after_read_quiet_ms: u64,
-    /// See [`crate::EngineConfig::max_write_queue_bytes`].
+    /// Full write blocks waiting for the device beyond this many bytes make writes fail fast
+    /// with "device overload" instead of growing memory.
     pub max_write_queue_bytes: u64,
 }
 
-/// Where blocks sit on the device.
-#[derive(Clone, Copy, Debug)]
-pub struct Geometry {
-    /// The device's index in the namespace.
-    pub device_index: u8,
-    /// Offset of block 0.
-    pub data_offset: u64,
-    /// Write block size.
-    pub block_bytes: u32,
-    /// The device set id (written into block headers).
-    pub device_set_id: u64,
-}
-
-impl Geometry {
-    /// Device offset of `block`.
-    pub fn block_offset(&self, block: u32) -> u64 {
-        self.data_offset + u64::from(block) * u64::from(self.block_bytes)
-    }
-
-    /// (block, offset within block) of a device offset inside the block area.
-    pub fn split(&self, offset: u64) -> (u32, u32) {
-        let rel = offset - self.data_offset;
-        ((rel / u64::from(self.block_bytes)) as u32, (rel % u64::from(self.block_bytes)) as u32)
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            flush_interval_ms: 1000,
+            post_write_cache_bytes: 64 * 1024 * 1024,
+            write_chunk_bytes: 128 * 1024,
+            write_queue_depth: 2,
+            bulk_write_chunk_bytes: 1024 * 1024,
+            bulk_write_queue_depth: 4,
+            bulk_write_after_read_quiet_ms: 100,
+            max_write_queue_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -173,6 +167,7 @@ pub struct Writer {
     mem: Arc<MemBlocks>,
     durable: AtomicU64,
     reads: Arc<ReadActivity>,
+    poison: Arc<Poison>,
     /// Device write counters.
     pub counters: WriterCounters,
 }
@@ -202,6 +197,7 @@ impl Writer {
         clock: Arc<dyn Clock>,
         mem: Arc<MemBlocks>,
         reads: Arc<ReadActivity>,
+        poison: Arc<Poison>,
     ) -> Writer {
         let durable = write_pos(blocks.next_sequence().saturating_sub(1), u32::MAX);
         blocks.set_durable(stream, durable);
@@ -228,6 +224,7 @@ impl Writer {
             mem,
             durable: AtomicU64::new(durable),
             reads,
+            poison,
             counters: WriterCounters::default(),
         }
     }
@@ -241,15 +238,7 @@ impl Writer {
         &self.geometry
     }
 
-    /// The block table.
-    pub fn blocks(&self) -> &Arc<BlockTable> {
-        &self.blocks
-    }
 
-    /// Everything up to this write position is durable.
-    pub fn durable_pos(&self) -> WritePos {
-        self.durable.load(Ordering::SeqCst)
-    }
 
     /// Bytes of full blocks waiting for the device.
     pub fn queued_bytes(&self) -> u64 {
@@ -351,6 +340,12 @@ impl Writer {
                 self.label, self.config.max_write_queue_bytes
             )));
         }
+        if self.blocks.next_sequence() >= crate::blocks::SEQUENCE_LIMIT {
+            return Err(Error::Failed {
+                device: self.label.clone(),
+                reason: "every block sequence number has been used; back up and reformat the device".into(),
+            });
+        }
         let Some((block, sequence)) = self.blocks.allocate(purpose) else {
             if self.blocks.space_is_reclaimable() {
                 self.counters.overloads.fetch_add(1, Ordering::Relaxed);
@@ -398,8 +393,11 @@ impl Writer {
         Ok(())
     }
 
-    /// The flusher thread's loop; returns after `stop` once everything is flushed.
+    /// The flusher thread's loop; returns after `stop` once everything is flushed. If it panics,
+    /// the device fails (every waiter and later append gets the reason), the engine is
+    /// poisoned, and `stop` returns instead of waiting forever.
     pub fn run_flusher(&self) {
+        let _guard = FlusherGuard(self);
         loop {
             match self.next_job() {
                 Job::Sealed(mem, fill, opened) => self.flush_sealed(&mem, fill, opened),
@@ -414,6 +412,16 @@ impl Writer {
                 }
             }
         }
+    }
+
+    fn flusher_died(&self) {
+        let reason = format!("the flusher thread of {} panicked", self.label);
+        self.poison.set(reason.clone());
+        let mut st = self.lock();
+        self.fail(&mut st, reason);
+        st.stopped = true;
+        drop(st);
+        self.wake.notify_all();
     }
 
     fn next_job(&self) -> Job {
@@ -506,10 +514,18 @@ impl Writer {
             self.write_header(&mem, fill, false, opened_unix_ms);
         }
         let from = align_down(u64::from(flushed), IO_ALIGN_BYTES as u64) as usize;
-        let to = align_up(u64::from(fill), IO_ALIGN_BYTES as u64) as usize;
+        let stable_end = align_down(u64::from(fill), IO_ALIGN_BYTES as u64) as usize;
         let pos = write_pos(mem.sequence, fill);
+        // Appenders keep writing past `fill` while this flush runs: only bytes below `fill` are
+        // handed to the device from the shared buffer. The last, partly filled sector goes from
+        // a private copy of its filled part (the rest zero); the next flush rewrites it.
+        // With a rewritten header, its sector goes last, after every piece it describes (when
+        // `from` is 0 the header travels in the first piece or the tail copy instead).
+        let header_last = !commit && from > 0;
         let result = self
-            .write_range(&mem, from, to, !commit && from > 0)
+            .write_range(&mem, from, stable_end.max(from), false)
+            .and_then(|()| self.write_partial_tail(&mem, stable_end.max(from), fill as usize))
+            .and_then(|()| if header_last { self.write_range(&mem, 0, IO_ALIGN_BYTES, false) } else { Ok(()) })
             .and_then(|()| if commit || self.lock().stopping { self.sync() } else { Ok(()) });
         let mut st = self.lock();
         if let Err(e) = result {
@@ -518,6 +534,52 @@ impl Writer {
         }
         mem.flushed_to.fetch_max(fill, Ordering::SeqCst);
         self.advance_durable(&mut st, pos, commit);
+    }
+
+    /// Writes the sector holding bytes `[tail_start, fill)` of an open block from a private copy
+    /// (`tail_start` is sector aligned; nothing to do when `fill` is).
+    fn write_partial_tail(&self, mem: &Arc<MemBlock>, tail_start: usize, fill: usize) -> io::Result<()> {
+        if fill <= tail_start {
+            return Ok(());
+        }
+        debug_assert!(fill - tail_start < IO_ALIGN_BYTES, "tail of {} bytes", fill - tail_start);
+        let mut stage = AlignedBuf::zeroed(IO_ALIGN_BYTES);
+        // Bytes below `fill` are never modified again (the header is only rewritten by this
+        // thread), so copying them without the writer lock is race-free.
+        mem.buf.read_at(tail_start, &mut stage.as_mut_slice()[..fill - tail_start]);
+        let src = WriteSource { buf: Arc::new(SharedBuf::new(stage)), start: 0, len: IO_ALIGN_BYTES };
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters.write_bytes.fetch_add(IO_ALIGN_BYTES as u64, Ordering::Relaxed);
+        wait_io(self.io.write(self.geometry.block_offset(mem.index) + tail_start as u64, src))
+    }
+
+    /// A copy of the filled part of a block held in memory (open, waiting or cached) with the
+    /// block's sequence and fill, for scanning it: bytes `[0, 64)` (the header, which the flusher
+    /// may be rewriting) are zero, and nothing past the fill mark is read.
+    pub fn copy_filled(&self, block: u32) -> Option<(Vec<u8>, u64, u32)> {
+        let st = self.lock();
+        let (mem, fill) = if let Some(o) = st.open.as_ref().filter(|o| o.mem.index == block) {
+            (o.mem.clone(), o.fill)
+        } else if let Some((m, fill, _)) = st.sealed.iter().find(|(m, _, _)| m.index == block) {
+            (m.clone(), *fill)
+        } else if let Some(m) = st.cache.iter().find(|m| m.index == block) {
+            (m.clone(), m.flushed_to.load(Ordering::SeqCst))
+        } else {
+            return None;
+        };
+        drop(st);
+        let fill = fill as usize;
+        let mut bytes = vec![0u8; fill.max(block_header::BYTES)];
+        if fill > block_header::BYTES {
+            mem.buf.read_at(block_header::BYTES, &mut bytes[block_header::BYTES..fill]);
+        }
+        Some((bytes, mem.sequence, fill as u32))
+    }
+
+    /// Indexes of the blocks this writer holds in memory.
+    pub fn blocks_in_memory(&self) -> Vec<u32> {
+        let st = self.lock();
+        st.open.iter().map(|o| o.mem.index).chain(st.sealed.iter().map(|(m, _, _)| m.index)).chain(st.cache.iter().map(|m| m.index)).collect()
     }
 
     /// Rewrites the block header in the buffer (flusher only).
@@ -653,5 +715,16 @@ impl Writer {
     /// Whether a device write has failed.
     pub fn failure(&self) -> Option<String> {
         self.lock().failed.clone()
+    }
+}
+
+/// Marks the device failed and the engine poisoned if the flusher thread unwinds.
+struct FlusherGuard<'a>(&'a Writer);
+
+impl Drop for FlusherGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.flusher_died();
+        }
     }
 }

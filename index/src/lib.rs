@@ -74,6 +74,12 @@ impl Index {
     pub fn sorted_entries(&self, pid: PartitionId, after: Option<&Digest>) -> Vec<Entry> {
         self.read(pid).sorted_after(after)
     }
+
+    /// At most `limit` entries of partition `pid` with digest greater than `after`, in digest
+    /// order (memory bounded by `limit`; see [`PartitionTable::sorted_batch_after`]).
+    pub fn sorted_batch(&self, pid: PartitionId, after: Option<&Digest>, limit: usize) -> Vec<Entry> {
+        self.read(pid).sorted_batch_after(after, limit)
+    }
 }
 
 #[cfg(test)]

@@ -162,6 +162,30 @@ impl PartitionTable {
         out
     }
 
+    /// The `limit` smallest entries whose digest is greater than `after` (all when `None`),
+    /// sorted by digest. Memory is bounded by `limit` whatever the partition holds: one pass
+    /// over the table keeps the best `limit` in a max-heap.
+    pub fn sorted_batch_after(&self, after: Option<&Digest>, limit: usize) -> Vec<Entry> {
+        if limit == 0 {
+            return Vec::new();
+        }
+        let mut heap: std::collections::BinaryHeap<ByDigest> = std::collections::BinaryHeap::with_capacity(limit + 1);
+        for e in self.iter() {
+            if after.is_some_and(|a| e.digest <= *a) {
+                continue;
+            }
+            if heap.len() < limit {
+                heap.push(ByDigest(e));
+            } else if heap.peek().is_some_and(|top| e.digest < top.0.digest) {
+                heap.pop();
+                heap.push(ByDigest(e));
+            }
+        }
+        let mut out: Vec<Entry> = heap.into_iter().map(|b| b.0).collect();
+        out.sort_unstable_by_key(|a| a.digest);
+        out
+    }
+
     fn home(&self, hash: u64) -> usize {
         ((u128::from(hash) * self.slots.len() as u128) >> 64) as usize
     }
@@ -233,6 +257,29 @@ fn grown_capacity(len: usize) -> usize {
         return 0;
     }
     (len * 100 / LOAD_PERCENT_AFTER_RESIZE + 1).max(CAPACITY_MIN)
+}
+
+/// Orders entries by digest alone (for the batch heap).
+struct ByDigest(Entry);
+
+impl PartialEq for ByDigest {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.digest == other.0.digest
+    }
+}
+
+impl Eq for ByDigest {}
+
+impl PartialOrd for ByDigest {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByDigest {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.digest.cmp(&other.0.digest)
+    }
 }
 
 #[cfg(test)]
@@ -368,5 +415,30 @@ mod tests {
         foreign.0[0] = pid.get() as u8;
         foreign.0[1] = (foreign.0[1] & 0xF0) | ((pid.get() >> 8) as u8);
         assert!(table.get(&foreign).is_none());
+    }
+
+    #[test]
+    fn sorted_batches_walk_the_partition_in_digest_order() {
+        let pid = Digest::of_key(b"s", KeyRef::Int(0)).partition();
+        let mut table = PartitionTable::new(pid);
+        let mut mine: Vec<Digest> =
+            (0..200_000).map(|i| Digest::of_key(b"s", KeyRef::Int(i))).filter(|d| d.partition() == pid).collect();
+        for d in &mine {
+            table.insert(entry(*d, 2));
+        }
+        mine.sort();
+        for limit in [1, 7, mine.len(), mine.len() + 5] {
+            let mut walked = Vec::new();
+            let mut after: Option<Digest> = None;
+            loop {
+                let batch = table.sorted_batch_after(after.as_ref(), limit);
+                assert!(batch.len() <= limit);
+                let Some(last) = batch.last() else { break };
+                after = Some(last.digest);
+                walked.extend(batch.iter().map(|e| e.digest));
+            }
+            assert_eq!(walked, mine, "limit {limit}");
+        }
+        assert!(table.sorted_batch_after(None, 0).is_empty());
     }
 }

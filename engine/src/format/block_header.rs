@@ -73,6 +73,20 @@ pub struct BlockHeader {
 }
 
 impl BlockHeader {
+    /// A header to scan a block's in-memory copy with (only the sequence, which seeds the
+    /// record checksums, and the fill matter to the scan).
+    pub fn for_scan(sequence: u64, block_index: u32, fill_end: u32) -> BlockHeader {
+        BlockHeader {
+            sequence,
+            device_set_id: 0,
+            block_index,
+            fill_end,
+            sealed: true,
+            device_index: 0,
+            opened_unix_ms: 0,
+        }
+    }
+
     /// Encodes into the first 64 bytes of `out`.
     pub fn encode_into(&self, out: &mut [u8]) {
         let h = &mut out[..BYTES];

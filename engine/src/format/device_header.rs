@@ -10,8 +10,13 @@ pub const SLOT_BYTES: usize = 4096;
 pub const SLOT_COUNT: usize = 2;
 /// "PEREGRN1" as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PEREGRN1");
-/// Current format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current format version: 2 adds the metadata region (see `format::metadata`) and the
+/// partition epoch in record headers.
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest format version that can be opened: a format-1 device is upgraded in place when an
+/// engine opens it (the metadata region is written, then the header says 2); the offline tools
+/// read it as it is.
+pub const FORMAT_VERSION_MIN: u32 = 1;
 /// Longest namespace name.
 pub const NAMESPACE_BYTES_MAX: usize = 31;
 /// Flag: the engine shut down cleanly (every buffer flushed) and no writer has opened it since.
@@ -98,6 +103,9 @@ pub struct DeviceHeader {
     pub created_unix_ms: u64,
     /// Namespace name.
     pub namespace: String,
+    /// Format version the header was written with ([`FORMAT_VERSION_MIN`]..=[`FORMAT_VERSION`]);
+    /// encoding always writes [`FORMAT_VERSION`].
+    pub format_version: u32,
 }
 
 /// Why a header slot could not be used.
@@ -155,7 +163,7 @@ impl DeviceHeader {
             return Err(SlotDefect::Checksum);
         }
         let version = get_u32(s, VERSION);
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
             return Err(SlotDefect::Version(version));
         }
         let ns_len = usize::from(s[NAMESPACE_LEN.offset]);
@@ -177,6 +185,7 @@ impl DeviceHeader {
             block_count: get_u32(s, BLOCK_COUNT),
             created_unix_ms: get_u64(s, CREATED),
             namespace,
+            format_version: version,
         };
         if header.device_count == 0 || header.device_index >= header.device_count {
             return Err(SlotDefect::Malformed("device index/count"));
@@ -224,6 +233,7 @@ mod tests {
             block_count: 63,
             created_unix_ms: 1_700_000_000_000,
             namespace: "test".into(),
+            format_version: FORMAT_VERSION,
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod block_header;
 pub mod device_header;
+pub mod metadata;
 pub mod record;
 
 /// One field of an on-device structure.
@@ -84,11 +85,14 @@ pub(crate) fn checksum(bytes: &[u8], seed: u64) -> u64 {
 }
 
 /// Every documented structure, for the documentation test.
-pub fn documented_structures() -> [(&'static str, &'static [Field], usize); 3] {
+pub fn documented_structures() -> [(&'static str, &'static [Field], usize); 6] {
     [
         ("Device header slot", device_header::FIELDS, device_header::SLOT_BYTES),
         ("Write block header", block_header::FIELDS, block_header::BYTES),
         ("Record header", record::HEADER_FIELDS, record::HEADER_BYTES),
+        ("Metadata slot", metadata::FIELDS, metadata::SLOT_BYTES),
+        ("Metadata partition entry", metadata::PARTITION_FIELDS, metadata::PARTITION_ENTRY_BYTES),
+        ("Metadata set entry", metadata::SET_FIELDS, metadata::SET_ENTRY_BYTES),
     ]
 }
 
@@ -135,6 +139,13 @@ mod tests {
             ("block_header::MAGIC", u64::from(block_header::MAGIC)),
             ("record::MAGIC", u64::from(record::MAGIC)),
             ("FORMAT_VERSION", u64::from(device_header::FORMAT_VERSION)),
+            ("FORMAT_VERSION_MIN", u64::from(device_header::FORMAT_VERSION_MIN)),
+            ("metadata::OFFSET_BYTES", metadata::OFFSET_BYTES),
+            ("metadata::MAGIC", metadata::MAGIC),
+            ("metadata::HEADER_BYTES", metadata::HEADER_BYTES as u64),
+            ("metadata::SETS_OFFSET", metadata::SETS_OFFSET as u64),
+            ("SET_TRUNCATIONS_MAX", metadata::SET_TRUNCATIONS_MAX as u64),
+            ("PARTITION_VALUE_BYTES_MAX", metadata::PARTITION_VALUE_BYTES_MAX as u64),
         ] {
             let needle = format!("`{name}` = {value:#x}");
             let alt = format!("`{name}` = {value}");

@@ -47,8 +47,11 @@ pub const VOID_TIME: Field = Field::after(LAST_UPDATE, "void_time", 4);
 pub const KEY_LEN: Field = Field::after(VOID_TIME, "key_len", 4);
 /// Number of bins.
 pub const BIN_COUNT: Field = Field::after(KEY_LEN, "bin_count", 2);
+/// The partition's truncation epoch when the version was written (format 2; zero in format 1
+/// records). A version older than its partition's epoch in the metadata region is dead.
+pub const PARTITION_EPOCH: Field = Field::after(BIN_COUNT, "partition_epoch", 4);
 /// Zero.
-pub const RESERVED: Field = Field::after(BIN_COUNT, "reserved", 6);
+pub const RESERVED: Field = Field::after(PARTITION_EPOCH, "reserved", 2);
 
 /// The header fields in order.
 pub const HEADER_FIELDS: &[Field] = &[
@@ -63,6 +66,7 @@ pub const HEADER_FIELDS: &[Field] = &[
     VOID_TIME,
     KEY_LEN,
     BIN_COUNT,
+    PARTITION_EPOCH,
     RESERVED,
 ];
 
@@ -71,8 +75,39 @@ pub fn extent(len: usize) -> usize {
     len.div_ceil(RECORD_ALIGN_BYTES) * RECORD_ALIGN_BYTES
 }
 
-/// Serializes a record version (checksum left zero; see [`seal`]). Validates names and counts.
+/// Serializes a record version (checksum left zero, partition epoch 0; see [`seal`] and
+/// [`stamp_epoch`]). Refuses exactly what [`parse`] would refuse, before anything is written:
+/// generation 0, a last-update time the index cannot hold, names and counts out of range, and
+/// values whose bytes do not fit their particle type. Debug builds check that the bytes parse.
 pub fn encode(version: &RecordVersion, out: &mut Vec<u8>) -> Result<()> {
+    encode_unchecked(version, out)?;
+    #[cfg(debug_assertions)]
+    {
+        let mut sealed = out.clone();
+        seal(&mut sealed, 1);
+        if let Err(d) = parse(&sealed, 1) {
+            panic!("encode accepted a version the parser refuses ({d}): {version:?}");
+        }
+    }
+    Ok(())
+}
+
+fn validate_meta(meta: &RecordMeta) -> Result<()> {
+    if meta.generation == 0 {
+        return Err(Error::Parameter("generation 0 is not a valid record generation".into()));
+    }
+    if meta.last_update_ms > peregrine_index::LAST_UPDATE_MS_MAX {
+        return Err(Error::Parameter(format!(
+            "last-update time {} ms is beyond the largest the index holds ({})",
+            meta.last_update_ms,
+            peregrine_index::LAST_UPDATE_MS_MAX
+        )));
+    }
+    Ok(())
+}
+
+fn encode_unchecked(version: &RecordVersion, out: &mut Vec<u8>) -> Result<()> {
+    validate_meta(version.meta())?;
     out.clear();
     out.resize(HEADER_BYTES, 0);
     let (set_name, meta, flags) = match version {
@@ -97,6 +132,15 @@ pub fn encode(version: &RecordVersion, out: &mut Vec<u8>) -> Result<()> {
         bin_count = r.bins.len() as u16;
         for bin in &r.bins {
             let name = bin.name.as_bytes();
+            if let Value::Other { particle_type, bytes } = &bin.value
+                && Value::decode(*particle_type, bytes).is_none()
+            {
+                return Err(Error::Parameter(format!(
+                    "bin {:?}: {} bytes are not a valid value of particle type {particle_type}",
+                    bin.name,
+                    bytes.len()
+                )));
+            }
             out.push(name.len() as u8);
             out.extend_from_slice(name);
             out.push(bin.value.particle_type());
@@ -119,6 +163,11 @@ pub fn encode(version: &RecordVersion, out: &mut Vec<u8>) -> Result<()> {
     put_u32(h, KEY_LEN, key_len);
     put_u16(h, BIN_COUNT, bin_count);
     Ok(())
+}
+
+/// Writes the partition epoch into an encoded record (before [`seal`]).
+pub fn stamp_epoch(record: &mut [u8], epoch: u32) {
+    put_u32(record, PARTITION_EPOCH, epoch);
 }
 
 /// Writes the checksum of an encoded record for the block with sequence `block_sequence`.
@@ -280,6 +329,11 @@ impl<'a> RecordView<'a> {
         }
     }
 
+    /// The partition's truncation epoch the version was written in.
+    pub fn partition_epoch(&self) -> u32 {
+        get_u32(self.bytes, PARTITION_EPOCH)
+    }
+
     /// Whether this is a tombstone.
     pub fn is_tombstone(&self) -> bool {
         self.bytes[FLAGS.offset] & FLAG_TOMBSTONE != 0
@@ -429,10 +483,13 @@ mod tests {
         assert_eq!(parse(&[0u8; 100], 5).unwrap_err(), Defect::Magic);
     }
 
-    /// Arbitrary bytes with a correct checksum must not panic the parser.
+    /// Arbitrary bytes with a correct checksum must not panic the parser, and whatever it
+    /// accepts must be exactly what `encode` writes for the version it decodes to (encode and
+    /// parse accept the same set).
     #[test]
-    fn garbage_with_valid_checksum_is_rejected_without_panic() {
+    fn garbage_with_valid_checksum_is_rejected_or_canonical() {
         let mut state = 0x1234_5678_u64;
+        let (mut accepted, mut rejected) = (0, 0);
         for _ in 0..20_000 {
             let mut buf = Vec::new();
             encode(&sample(), &mut buf).unwrap();
@@ -443,9 +500,54 @@ mod tests {
                 buf[BIN_COUNT.offset] = (state >> 40) as u8;
             }
             seal(&mut buf, 0);
-            if let Ok(view) = parse(&buf, 0) {
-                let _ = view.to_version();
+            match parse(&buf, 0) {
+                Ok(view) => {
+                    accepted += 1;
+                    let mut again = Vec::new();
+                    encode(&view.to_version(), &mut again).unwrap();
+                    seal(&mut again, 0);
+                    assert_eq!(again, buf, "parse accepted bytes that encode would not produce");
+                }
+                Err(_) => rejected += 1,
             }
         }
+        assert!(accepted > 1000 && rejected > 1000, "accepted {accepted}, rejected {rejected}");
+    }
+
+    /// What the parser refuses, encode refuses too, before writing anything.
+    #[test]
+    fn encode_refuses_what_parse_refuses() {
+        let mut out = Vec::new();
+        let with = |f: &dyn Fn(&mut Record)| {
+            let RecordVersion::Live(mut r) = sample() else { unreachable!() };
+            f(&mut r);
+            RecordVersion::Live(r)
+        };
+        let bad = [
+            with(&|r| r.meta.generation = 0),
+            with(&|r| r.meta.last_update_ms = peregrine_index::LAST_UPDATE_MS_MAX + 1),
+            with(&|r| r.bins[0].value = Value::Other { particle_type: crate::record::particle::INTEGER, bytes: vec![1, 2, 3] }),
+            with(&|r| r.bins[0].value = Value::Other { particle_type: crate::record::particle::NULL, bytes: vec![] }),
+            with(&|r| r.bins[0].value = Value::Other { particle_type: crate::record::particle::BOOL, bytes: vec![7] }),
+            with(&|r| r.set_name = vec![b's'; SET_NAME_BYTES_MAX + 1]),
+        ];
+        for v in bad {
+            assert!(encode(&v, &mut out).is_err(), "encode accepted {v:?}");
+        }
+        let tomb = RecordVersion::Tombstone {
+            digest: Digest([1; 20]),
+            set_name: vec![],
+            meta: RecordMeta { generation: 0, void_time: 0, last_update_ms: 5 },
+        };
+        assert!(encode(&tomb, &mut out).is_err());
+    }
+
+    #[test]
+    fn partition_epoch_is_stamped_and_read_back() {
+        let mut buf = Vec::new();
+        encode(&sample(), &mut buf).unwrap();
+        stamp_epoch(&mut buf, 0xDEAD_BEEF);
+        seal(&mut buf, 3);
+        assert_eq!(parse(&buf, 3).unwrap().partition_epoch(), 0xDEAD_BEEF);
     }
 }

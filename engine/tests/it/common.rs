@@ -18,8 +18,8 @@ pub fn config(dir: &Path, backend: IoBackendChoice, size: u64) -> EngineConfig {
     let mut c = EngineConfig::single_file("test", dir.join("dev0.dat"), size);
     c.write_block_bytes = TEST_BLOCK_BYTES;
     c.max_record_bytes = 64 * 1024;
-    c.post_write_cache_bytes = 2 * u64::from(TEST_BLOCK_BYTES);
-    c.flush_interval_ms = 50;
+    c.writer.post_write_cache_bytes = 2 * u64::from(TEST_BLOCK_BYTES);
+    c.writer.flush_interval_ms = 50;
     c.device_lock_wait_ms = 200;
     c.io = IoOptions { backend, ..IoOptions::default() };
     c

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use peregrine_engine::format::block_header::BlockHeader;
 use peregrine_engine::format::{DATA_OFFSET_BYTES, record};
-use peregrine_engine::recovery::scan_block;
+use peregrine_engine::scan::scan_block;
 use peregrine_engine::{BinSelection, Digest, Engine, Error, WritePolicy};
 
 use crate::common::*;
@@ -95,7 +95,7 @@ fn flipped_bits_are_reported_as_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let path = device_path(dir.path());
         let mut cfg = config(dir.path(), backend, 16 << 20);
-        cfg.post_write_cache_bytes = 0;
+        cfg.writer.post_write_cache_bytes = 0;
         let e = Engine::open(cfg.clone()).unwrap();
         for k in 0..400 {
             e.put(&digest(k), b"s", None, bins(k, 0, 900), &WritePolicy::default()).unwrap();
@@ -132,7 +132,7 @@ fn one_device_read_per_record_read() {
     for backend in BACKENDS {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path(), backend, 16 << 20);
-        cfg.post_write_cache_bytes = 0;
+        cfg.writer.post_write_cache_bytes = 0;
         // Keep defrag from moving the partly filled last block into memory mid-test.
         cfg.defrag_lwm_pct = 1;
         let e = Engine::open(cfg.clone()).unwrap();

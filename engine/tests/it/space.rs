@@ -325,7 +325,7 @@ fn write_queue_limit_fails_fast() {
     for backend in BACKENDS {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = small(dir.path(), backend, 64 << 20);
-        cfg.max_write_queue_bytes = u64::from(TEST_BLOCK_BYTES);
+        cfg.writer.max_write_queue_bytes = u64::from(TEST_BLOCK_BYTES);
         let e = Engine::open(cfg).unwrap();
         let overloads = std::sync::atomic::AtomicU64::new(0);
         std::thread::scope(|s| {
