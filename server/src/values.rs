@@ -56,7 +56,8 @@ pub fn result_code(e: &Error) -> u8 {
         | Error::Failed { .. }
         | Error::DeviceInUse { .. }
         | Error::Device { .. }
-        | Error::Config(_) => result::SERVER_ERROR,
+        | Error::Config(_)
+        | Error::Poisoned(_) => result::SERVER_ERROR,
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use peregrine_engine::format::block_header::BlockHeader;
 use peregrine_engine::format::device_header::{self, DeviceHeader};
 use peregrine_engine::format::record::{self, RecordView};
-use peregrine_engine::recovery::{BlockScan, block_read_len, scan_block};
+use peregrine_engine::scan::{BlockScan, block_read_len, scan_block};
 use peregrine_index::Digest;
 
 /// An opened device image.

@@ -169,7 +169,7 @@ fn dump(devices: &[DeviceImage], block: Option<u32>, digest: Option<Digest>, jso
         for info in blocks {
             let (_, bytes) = dev.scan(&info, |_, _| {})?;
             let mut offsets = Vec::new();
-            peregrine_engine::recovery::scan_block(&bytes, &info.header, |offset, v| {
+            peregrine_engine::scan::scan_block(&bytes, &info.header, |offset, v| {
                 if digest.is_none_or(|want| v.digest() == want) {
                     offsets.push(offset);
                 }

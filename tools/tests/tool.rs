@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 
 use peregrine_engine::format::block_header::BlockHeader;
 use peregrine_engine::format::{DATA_OFFSET_BYTES, record};
-use peregrine_engine::recovery::scan_block;
+use peregrine_engine::scan::scan_block;
 use peregrine_engine::{
     Bin, BinSelection, Digest, Engine, EngineConfig, GenerationPolicy, KeyRef, StoredKey, Ttl, Value, WritePolicy,
 };
