@@ -35,7 +35,10 @@ pub fn write_pos(sequence: u64, offset_in_block: u32) -> WritePos {
     let units = if offset_in_block == u32::MAX {
         OFFSET_END
     } else {
-        debug_assert!(offset_in_block.is_multiple_of(16), "write position offset {offset_in_block} is not record aligned");
+        debug_assert!(
+            offset_in_block.is_multiple_of(16),
+            "write position offset {offset_in_block} is not record aligned"
+        );
         u64::from(offset_in_block / 16)
     };
     debug_assert!(units <= OFFSET_END, "offset {offset_in_block} does not fit a write position");

@@ -188,13 +188,15 @@ impl EngineConfig {
             ));
         }
         let w = &self.writer;
-        for (name, chunk) in [("write_chunk_bytes", w.write_chunk_bytes), ("bulk_write_chunk_bytes", w.bulk_write_chunk_bytes)]
+        for (name, chunk) in
+            [("write_chunk_bytes", w.write_chunk_bytes), ("bulk_write_chunk_bytes", w.bulk_write_chunk_bytes)]
         {
             if !chunk.is_power_of_two() || chunk < 4096 {
                 return bad(format!("{name} must be a power of two of at least 4096, got {chunk}"));
             }
         }
-        for (name, depth) in [("write_queue_depth", w.write_queue_depth), ("bulk_write_queue_depth", w.bulk_write_queue_depth)]
+        for (name, depth) in
+            [("write_queue_depth", w.write_queue_depth), ("bulk_write_queue_depth", w.bulk_write_queue_depth)]
         {
             if depth == 0 || depth > 64 {
                 return bad(format!("{name} must be 1 to 64, got {depth}"));

@@ -15,8 +15,8 @@ use peregrine_index::{Index, Location};
 use crate::blocks::{BlockTable, Purpose};
 use crate::error::Error;
 use crate::format::block_header::BlockHeader;
-use crate::io::{AlignedBuf, DeviceIo, wait_io};
 use crate::geometry::Geometry;
+use crate::io::{AlignedBuf, DeviceIo, wait_io};
 use crate::scan::{block_read_len, scan_block};
 use crate::writer::{MemBlocks, Writer};
 

@@ -107,6 +107,16 @@ pub fn open_device(path: &Path, file_size_bytes: Option<u64>, lock_wait_ms: u64)
 }
 
 /// Takes the exclusive advisory lock, failing fast when someone else holds it.
+/// Releases the exclusive lock (at close: the I/O threads may still hold the descriptor a
+/// little longer, but another engine may take the device at once).
+pub fn unlock(file: &File) {
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+    if rc != 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), "releasing a device lock failed");
+    }
+}
+
 pub fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     // SAFETY: flock on a descriptor we own.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

@@ -301,7 +301,6 @@ impl Engine {
                     })
                     .map_err(|e| Error::io("starting a defrag thread", e))?,
             );
-            drop(o.control);
             devices.push(Device {
                 label: o.label,
                 kind: o.kind,
@@ -313,6 +312,7 @@ impl Engine {
                 defrag,
                 threads: Mutex::new(threads),
                 header: Mutex::new((header, dirty_slot)),
+                control: o.control,
             });
         }
         let inner = Store {
@@ -553,6 +553,8 @@ impl Engine {
                 .collect()
         });
         let reports = results.into_iter().collect::<Result<Vec<_>>>()?;
+        // Names seen only in superseded copies keep no id once the scan is done.
+        recovery::reclaim_set_ids(&shared);
         let secs = started.elapsed().as_secs_f64().max(1e-6);
         let records: u64 = reports.iter().map(|r| r.records_scanned).sum();
         let bytes: u64 = reports.iter().map(|r| r.bytes_read).sum();
@@ -733,12 +735,15 @@ impl Store {
                 }
             }
         }
+        // Nothing writes any more: another engine may take the devices now.
+        for d in &self.devices {
+            device::unlock(&d.control);
+        }
         match first_error {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
-
 }
 
 impl Drop for Store {

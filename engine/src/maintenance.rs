@@ -38,12 +38,8 @@ impl Store {
         let now = self.config.clock.now_void_s();
         let mut reaped = 0;
         for pid in PartitionId::all() {
-            let expired: Vec<Entry> = self
-                .index
-                .read(pid)
-                .iter()
-                .filter(|e| !e.is_tombstone() && is_expired(e.void_time, now))
-                .collect();
+            let expired: Vec<Entry> =
+                self.index.read(pid).iter().filter(|e| !e.is_tombstone() && is_expired(e.void_time, now)).collect();
             for e in expired {
                 if self.remove_expired(&e).unwrap_or(false) {
                     reaped += 1;
@@ -109,13 +105,7 @@ impl Store {
                 i += 1;
             }
         }
-        // Records may vanish (or appear) between the two passes: the sample alone decides.
-        if sample.is_empty() {
-            return None;
-        }
-        sample.sort_unstable();
-        let at = (sample.len() * self.config.evict_step_tenths_pct as usize / 1000).min(sample.len() - 1);
-        sample.get(at).copied()
+        choose_eviction_cutoff(sample, self.config.evict_step_tenths_pct)
     }
 
     /// One eviction step if a high-water mark is exceeded; returns how many records it evicted.
@@ -247,6 +237,19 @@ impl Store {
     }
 }
 
+/// The void time below which `step_tenths_pct` tenths of a percent of the sampled void times
+/// lie. The sample alone decides: records vanish (or appear) between the counting pass and the
+/// sampling pass, so it may be empty although records were counted (that once indexed past the
+/// end of an empty sample and killed the maintenance thread).
+fn choose_eviction_cutoff(mut sample: Vec<u32>, step_tenths_pct: u32) -> Option<u32> {
+    if sample.is_empty() {
+        return None;
+    }
+    sample.sort_unstable();
+    let at = (sample.len() * step_tenths_pct as usize / 1000).min(sample.len() - 1);
+    sample.get(at).copied()
+}
+
 /// The maintenance thread: expiry every `expiry_period_s`, eviction checks with it, the tomb
 /// raider every `tomb_raider_period_s` or when tombstones pile up. Holds only a weak reference,
 /// so it never keeps the engine alive.
@@ -283,5 +286,19 @@ pub(crate) fn run(engine: Weak<Store>, stop: Arc<StopSignal>) {
             }
             last_raid = Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose_eviction_cutoff;
+
+    #[test]
+    fn eviction_cutoff_of_an_emptied_sample_is_none() {
+        assert_eq!(choose_eviction_cutoff(Vec::new(), 5), None);
+        assert_eq!(choose_eviction_cutoff(vec![30, 10, 20], 5), Some(10));
+        assert_eq!(choose_eviction_cutoff(vec![30, 10, 20], 1000), Some(30));
+        let sample: Vec<u32> = (0..1000).rev().collect();
+        assert_eq!(choose_eviction_cutoff(sample, 100), Some(100));
     }
 }

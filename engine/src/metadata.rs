@@ -186,8 +186,12 @@ pub(crate) fn read_newest(targets: &[MetadataTarget], device_set_id: u64) -> Res
     let mut best: Option<MetadataImage> = None;
     for t in targets {
         for slot in 0..layout::SLOT_COUNT {
-            let buf = wait_io(t.io.read(layout::slot_offset(slot), AlignedBuf::zeroed(layout::SLOT_BYTES), layout::SLOT_BYTES))
-                .map_err(|e| Error::io(format!("reading metadata slot {slot} of {}", t.label), e))?;
+            let buf = wait_io(t.io.read(
+                layout::slot_offset(slot),
+                AlignedBuf::zeroed(layout::SLOT_BYTES),
+                layout::SLOT_BYTES,
+            ))
+            .map_err(|e| Error::io(format!("reading metadata slot {slot} of {}", t.label), e))?;
             if let Some(img) = MetadataImage::decode(buf.as_slice())
                 && img.device_set_id == device_set_id
                 && best.as_ref().is_none_or(|b| img.generation > b.generation)
@@ -208,7 +212,9 @@ pub(crate) fn write_image(targets: &[MetadataTarget], image: &MetadataImage) -> 
     let slot = (image.generation % layout::SLOT_COUNT as u64) as usize;
     let writes: Vec<_> = targets
         .iter()
-        .map(|t| t.io.write(layout::slot_offset(slot), WriteSource { buf: buf.clone(), start: 0, len: layout::SLOT_BYTES }))
+        .map(|t| {
+            t.io.write(layout::slot_offset(slot), WriteSource { buf: buf.clone(), start: 0, len: layout::SLOT_BYTES })
+        })
         .collect();
     for (t, w) in targets.iter().zip(writes) {
         wait_io(w).map_err(|e| Error::io(format!("writing metadata slot {slot} of {}", t.label), e))?;

@@ -128,8 +128,7 @@ pub fn recover_device(target: &RecoveryTarget<'_>, shared: &RecoveryShared<'_>) 
         let Some((block, header, len, c)) = in_flight.pop_front() else {
             break;
         };
-        let buf =
-            wait_io(c).map_err(|e| Error::io(format!("reading block {block} of {}", target.source.label), e))?;
+        let buf = wait_io(c).map_err(|e| Error::io(format!("reading block {block} of {}", target.source.label), e))?;
         report.bytes_read += len as u64;
         let mut failure = None;
         let scan = scan_block(&buf.as_slice()[..len], &header, |offset, view| {
@@ -183,8 +182,12 @@ fn offer(
         return Ok(Offered::Elsewhere);
     }
     let meta = view.meta();
-    if shared.metadata.truncates(digest.partition().index(), view.partition_epoch(), view.set_name(), meta.last_update_ms)
-    {
+    if shared.metadata.truncates(
+        digest.partition().index(),
+        view.partition_epoch(),
+        view.set_name(),
+        meta.last_update_ms,
+    ) {
         return Ok(Offered::Truncated);
     }
     for attempt in 0..2 {
@@ -201,7 +204,8 @@ fn offer(
     Err(Error::TooManySets { max: usize::from(peregrine_index::SET_ID_MAX) })
 }
 
-fn reclaim_set_ids(shared: &RecoveryShared<'_>) {
+/// Gives back the set ids no indexed version uses (names only superseded copies carried).
+pub(crate) fn reclaim_set_ids(shared: &RecoveryShared<'_>) {
     let mut used = vec![false; usize::from(peregrine_index::SET_ID_MAX) + 1];
     for pid in PartitionId::all() {
         for e in shared.index.read(pid).iter() {
@@ -209,7 +213,9 @@ fn reclaim_set_ids(shared: &RecoveryShared<'_>) {
         }
     }
     let freed = shared.sets.retain_ids(|id| used[usize::from(id)]);
-    tracing::info!(freed, "set ids of names only dead versions carried were reclaimed");
+    if freed > 0 {
+        tracing::info!(freed, "set ids of names only superseded copies carried were reclaimed");
+    }
 }
 
 fn offer_gated(

@@ -131,4 +131,3 @@ pub fn block_read_len(header: &BlockHeader, block_bytes: u32) -> usize {
         block_bytes as usize
     }
 }
-

@@ -44,6 +44,8 @@ pub(crate) struct Device {
     pub(crate) defrag: Arc<DefragCounters>,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) header: Mutex<(DeviceHeader, usize)>,
+    /// A descriptor of the device whose lock is released at close.
+    pub(crate) control: std::fs::File,
 }
 
 #[derive(Debug, Default)]
@@ -234,8 +236,7 @@ impl Store {
             match self.commit_once(version, &mut bytes, set_id, expect, durable, purpose)? {
                 Commit::NeedSpace(wait) => {
                     let now = Instant::now();
-                    let until =
-                        *deadline.get_or_insert(now + Duration::from_millis(self.config.defrag_wait_ms));
+                    let until = *deadline.get_or_insert(now + Duration::from_millis(self.config.defrag_wait_ms));
                     if now >= until {
                         let dev = &self.devices[device_for(version.digest(), self.devices.len())];
                         return Err(Error::DeviceOverload(format!(

@@ -22,8 +22,8 @@ use crate::completion::{Completer, Completion, completion};
 use crate::error::{Error, Result};
 use crate::format::{block_header, record};
 use crate::geometry::Geometry;
-use crate::poison::Poison;
 use crate::io::{AlignedBuf, DeviceIo, IO_ALIGN_BYTES, SharedBuf, WriteSource, align_down, align_up, wait_io};
+use crate::poison::Poison;
 
 /// When a device last served a record read: its writers yield to reads for a while after.
 #[derive(Debug)]
@@ -237,8 +237,6 @@ impl Writer {
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
     }
-
-
 
     /// Bytes of full blocks waiting for the device.
     pub fn queued_bytes(&self) -> u64 {
@@ -579,7 +577,12 @@ impl Writer {
     /// Indexes of the blocks this writer holds in memory.
     pub fn blocks_in_memory(&self) -> Vec<u32> {
         let st = self.lock();
-        st.open.iter().map(|o| o.mem.index).chain(st.sealed.iter().map(|(m, _, _)| m.index)).chain(st.cache.iter().map(|m| m.index)).collect()
+        st.open
+            .iter()
+            .map(|o| o.mem.index)
+            .chain(st.sealed.iter().map(|(m, _, _)| m.index))
+            .chain(st.cache.iter().map(|m| m.index))
+            .collect()
     }
 
     /// Rewrites the block header in the buffer (flusher only).

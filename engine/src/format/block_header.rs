@@ -16,7 +16,7 @@ pub const FLAG_SEALED: u32 = 1;
 pub const CHECKSUM: Field = Field::first("checksum", 8);
 /// [`MAGIC`].
 pub const MAGIC_FIELD: Field = Field::after(CHECKSUM, "magic", 4);
-/// Format version (same as the device header's).
+/// Format version the block was written with (blocks of format 1 and 2 are read alike).
 pub const VERSION: Field = Field::after(MAGIC_FIELD, "format_version", 2);
 /// [`BYTES`].
 pub const HEADER_SIZE: Field = Field::after(VERSION, "header_bytes", 2);
@@ -111,7 +111,8 @@ impl BlockHeader {
         if get_u32(h, MAGIC_FIELD) != MAGIC || get_u64(h, CHECKSUM) != checksum(&h[CHECKSUM.end()..], 0) {
             return None;
         }
-        if super::get_u16(h, VERSION) != super::device_header::FORMAT_VERSION as u16 {
+        let version = u32::from(super::get_u16(h, VERSION));
+        if !(super::device_header::FORMAT_VERSION_MIN..=super::device_header::FORMAT_VERSION).contains(&version) {
             return None;
         }
         Some(BlockHeader {

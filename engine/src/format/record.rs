@@ -526,7 +526,9 @@ mod tests {
         let bad = [
             with(&|r| r.meta.generation = 0),
             with(&|r| r.meta.last_update_ms = peregrine_index::LAST_UPDATE_MS_MAX + 1),
-            with(&|r| r.bins[0].value = Value::Other { particle_type: crate::record::particle::INTEGER, bytes: vec![1, 2, 3] }),
+            with(&|r| {
+                r.bins[0].value = Value::Other { particle_type: crate::record::particle::INTEGER, bytes: vec![1, 2, 3] }
+            }),
             with(&|r| r.bins[0].value = Value::Other { particle_type: crate::record::particle::NULL, bytes: vec![] }),
             with(&|r| r.bins[0].value = Value::Other { particle_type: crate::record::particle::BOOL, bytes: vec![7] }),
             with(&|r| r.set_name = vec![b's'; SET_NAME_BYTES_MAX + 1]),

@@ -57,6 +57,9 @@ pub enum Fault {
     TornAfter(usize),
     /// The power is cut just before this operation: it and every later operation fails.
     Cut,
+    /// The calling thread panics before the operation does anything (a bug in the I/O path,
+    /// for tests of what a dying background thread leaves behind).
+    Panic,
 }
 
 /// Which operation an armed failpoint hits, counted from the moment it is armed.
@@ -432,6 +435,7 @@ impl SimDevice {
             Some(Fault::Torn) => (sectors.div_ceil(2), Err(SimError::PowerCut)),
             Some(Fault::TornAfter(n)) => (n.min(sectors), Err(SimError::PowerCut)),
             Some(Fault::Cut) => (0, Err(SimError::PowerCut)),
+            Some(Fault::Panic) => (0, Err(SimError::Injected)),
         };
         if result == Err(SimError::PowerCut) {
             st.cut = true;
@@ -524,6 +528,10 @@ impl DeviceIo for SimDevice {
         }
         let mut st = self.lock();
         let (index, kind_index, fault) = self.begin(&mut st, OpKind::Write);
+        if fault == Some(Fault::Panic) {
+            drop(st);
+            panic!("simulated panic in a device write at offset {offset}");
+        }
         let r = self.do_write(&mut st, offset, &src, fault);
         let op = OpRecord { index, kind: OpKind::Write, kind_index, offset, len: src.len, fault, ok: false };
         self.finish(&mut st, op, r)

@@ -6,7 +6,9 @@
 mod common;
 mod crash;
 mod devices;
+mod metadata;
 mod recovery;
+mod replica;
 mod roundtrip;
 mod space;
 mod stress;
