@@ -164,21 +164,21 @@ namespace_config! {
     /// Acknowledge writes only when durable.
     commit_to_device: bool => commit_to_device,
     /// Partial write blocks are flushed after this long.
-    flush_interval_ms: u64 => flush_interval_ms,
+    flush_interval_ms: u64 => writer.flush_interval_ms,
     /// Post-write cache per device.
-    post_write_cache_bytes: u64 => post_write_cache_bytes,
+    post_write_cache_bytes: u64 => writer.post_write_cache_bytes,
     /// Write queue limit per device (beyond it writes fail with "device overload").
-    max_write_queue_bytes: u64 => max_write_queue_bytes,
+    max_write_queue_bytes: u64 => writer.max_write_queue_bytes,
     /// Device write pieces while reads are active.
-    write_chunk_bytes: u32 => write_chunk_bytes,
+    write_chunk_bytes: u32 => writer.write_chunk_bytes,
     /// Device write depth while reads are active.
-    write_queue_depth: u32 => write_queue_depth,
+    write_queue_depth: u32 => writer.write_queue_depth,
     /// Device write pieces with no reads.
-    bulk_write_chunk_bytes: u32 => bulk_write_chunk_bytes,
+    bulk_write_chunk_bytes: u32 => writer.bulk_write_chunk_bytes,
     /// Device write depth with no reads.
-    bulk_write_queue_depth: u32 => bulk_write_queue_depth,
+    bulk_write_queue_depth: u32 => writer.bulk_write_queue_depth,
     /// How long without device reads before writes switch to the bulk pieces.
-    bulk_write_after_read_quiet_ms: u64 => bulk_write_after_read_quiet_ms,
+    bulk_write_after_read_quiet_ms: u64 => writer.bulk_write_after_read_quiet_ms,
     /// Reformat devices holding foreign or mismatched data (destroys it).
     format_foreign_devices: bool => format_foreign_devices,
     /// Defragment used blocks below this fill percentage.
@@ -262,7 +262,8 @@ impl Setting<IoBackendChoice> for IoBackendSetting {
         match field {
             IoBackendChoice::Auto => IoBackendSetting::Auto,
             IoBackendChoice::Uring => IoBackendSetting::Uring,
-            IoBackendChoice::Blocking => IoBackendSetting::Blocking,
+            // The simulated device is for the engine's crash tests; TOML does not offer it.
+            IoBackendChoice::Blocking | IoBackendChoice::Simulated => IoBackendSetting::Blocking,
         }
     }
 }
@@ -416,6 +417,7 @@ mod tests {
         ("namespace", "the table's `name`"),
         ("devices", "the `[[namespace.devices]]` tables"),
         ("clock", "the time source, replaced only by tests"),
+        ("maintenance", "External is for a replication layer; a stand-alone node runs its own"),
     ];
 
     /// The leaf fields of a `{:#?}` rendering, by dotted path (fields of a nested struct such as
