@@ -1,6 +1,7 @@
 //! The official Aerospike Python client against a real `peregrine` process: every command, bin
 //! type, policy and error in `tests/python/test_wire.py`, then a SIGTERM, a restart on the same
-//! device, and a byte-for-byte check of the 10,000 records written before it.
+//! device, and a byte-for-byte check of the 10,000 records written before it (deleted ones stay
+//! deleted); then more deletes, a SIGKILL, a restart, and the same check again.
 //!
 //! Needs PEREGRINE_PYTHON: a Python with the `aerospike` package (`bash .ci/run` makes one).
 
@@ -55,9 +56,16 @@ fn official_python_client_end_to_end_with_restart() {
     )
     .unwrap();
     assert!(log.contains("marked clean"), "no clean shutdown in the log:\n{log}");
-    let server = Server::start(dir.path(), "");
+    let mut server = Server::start(dir.path(), "");
     run_phase(&server, "restart");
     let metrics = info(server.addr, "namespace/test");
     assert!(metrics.contains("objects="), "{metrics}");
+    // An unclean stop: the deletes of the restart phase must survive it too.
+    server.child.kill().unwrap();
+    assert!(!server.child.wait().unwrap().success());
+    assert!(!server.log_text().contains("marked clean"), "the killed node shut down cleanly:\n{}", server.log_text());
+    drop(server);
+    let server = Server::start(dir.path(), "");
+    run_phase(&server, "after-kill");
     assert!(server.stop().success());
 }

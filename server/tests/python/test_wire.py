@@ -1,8 +1,9 @@
 """Peregrine against the official Aerospike Python client (aerospike on PyPI, 19.x).
 
 Run by server/tests/python_client.rs, which starts a `peregrine` process and calls
-    python test_wire.py --port PORT --phase main       (then restarts the server)
-    python test_wire.py --port PORT --phase restart
+    python test_wire.py --port PORT --phase main        (then SIGTERM and a restart)
+    python test_wire.py --port PORT --phase restart     (then SIGKILL and a restart)
+    python test_wire.py --port PORT --phase after-kill
 Every test is a function; the runner prints one line per test and exits 1 on any failure.
 """
 
@@ -25,6 +26,8 @@ warnings.simplefilter("ignore")  # the client warns that `meta` is deprecated; i
 NS = "test"
 DATASET = 10_000
 DATASET_SET = "dataset"
+# Deleted in the main phase (plain and durable deletes); checked after both restarts.
+DELETED_IN_MAIN = [(NS, "del", 0), (NS, "del", 1), (NS, "del", "gen")]
 
 
 def expect(exc_class, fn, *args, **kwargs):
@@ -162,20 +165,36 @@ class Tests:
         expect(ex.RecordNotFound, c.touch, (NS, "ttl", "missing"), 10)
 
     def test_send_key_is_stored_and_returned(self):
+        # A single-record read carries no key on the wire: the client hands back the key it was
+        # given. The key in a scan row can only come from the server, so the check is there,
+        # with rows matched by the digest the client computes.
         c = self.c
-        k = (NS, "keys", "user-7")
-        c.put(k, {"v": 7}, policy={"key": aerospike.POLICY_KEY_SEND})
-        key, _, _ = c.get(k, policy={"key": aerospike.POLICY_KEY_SEND})
-        assert key[2] == "user-7", key
-        found = [r for r in c.query(NS, "keys").results() if r[0][2] == "user-7"]
-        assert len(found) == 1, found
+        set_name = "keys"
+        sent = ["user-7", 42, bytearray(b"k\x00\xff")]
+        for pk in sent:
+            c.put((NS, set_name, pk), {"v": 1}, policy={"key": aerospike.POLICY_KEY_SEND})
+        c.put((NS, set_name, "not-sent"), {"v": 2})  # default key policy: the digest only
+        c.put((NS, set_name, "user-7"), {"v": 7})  # a rewrite without the key keeps the stored one
+        rows = {bytes(r[0][3]): r for r in c.query(NS, set_name).results()}
+        assert len(rows) == 4, rows
+        for pk in sent:
+            key = rows[bytes(aerospike.calc_digest(NS, set_name, pk))][0]
+            assert key[2] == pk and type(key[2]) is type(pk), (pk, key)
+        key = rows[bytes(aerospike.calc_digest(NS, set_name, "not-sent"))][0]
+        assert key[2] is None, key
+        # A key tuple holding only the digest reaches the same record.
+        digest = aerospike.calc_digest(NS, set_name, "user-7")
+        _, meta, bins = c.get((NS, set_name, None, digest))
+        assert bins == {"v": 7} and meta["gen"] == 2, (meta, bins)
 
     # -- deletes --------------------------------------------------------------------------
     def test_delete_and_durable_delete(self):
+        # The records stay deleted across a clean and an unclean restart: see check_deleted.
         c = self.c
         for i, pol in enumerate(({}, {"durable_delete": True})):
             k = (NS, "del", i)
             c.put(k, {"v": 1})
+            c.put(k, {"v": 2})
             c.remove(k, policy=pol)
             expect(ex.RecordNotFound, c.get, k)
             assert expect(ex.RecordNotFound, c.remove, k).code == 2
@@ -183,6 +202,7 @@ class Tests:
         c.put(k, {"v": 1})
         expect(ex.RecordGenerationError, c.remove, k, meta={"gen": 5}, policy={"gen": aerospike.POLICY_GEN_EQ})
         c.remove(k, meta={"gen": 1}, policy={"gen": aerospike.POLICY_GEN_EQ})
+        check_deleted(c)
 
     def test_remove_bin_and_empty_record(self):
         c = self.c
@@ -318,19 +338,49 @@ class Tests:
         assert count == DATASET - DATASET // 100, count
 
 
-def verify_after_restart(c):
-    """The dataset written before the restart, byte for byte; deleted keys stay deleted."""
+def check_deleted(c):
+    """The records test_delete_and_durable_delete deleted are gone: by key and from scans."""
+    for k in DELETED_IN_MAIN:
+        expect(ex.RecordNotFound, c.get, k)
+        assert c.exists(k)[1] is None, k
+    rows = c.query(NS, "del").results()
+    assert rows == [], rows
+
+
+def verify_after_restart(c, deleted):
+    """The dataset written before the restart, byte for byte; deleted records stay deleted
+    (`deleted(i)` says whether dataset record i was deleted)."""
     for i in range(DATASET):
         k = (NS, DATASET_SET, i)
-        if i % 100 == 0:
+        if deleted(i):
             expect(ex.RecordNotFound, c.get, k)
         else:
             key, meta, bins = c.get(k, policy={"key": aerospike.POLICY_KEY_SEND})
             assert bins == dataset_value(i), i
     rows = c.query(NS, DATASET_SET).results()
-    assert len(rows) == DATASET - DATASET // 100, len(rows)
+    assert len(rows) == sum(1 for i in range(DATASET) if not deleted(i)), len(rows)
     assert all(r[0][2] is not None for r in rows), "stored keys lost"
+    assert sorted(r[0][2] for r in rows) == [i for i in range(DATASET) if not deleted(i)]
     assert c.get((NS, "types", "all"))[2]["str"] == "héllo wörld"
+    check_deleted(c)
+
+
+def deleted_in_main(i):
+    return i % 100 == 0
+
+
+def deleted_after_restart(i):
+    return i % 100 in (0, 50)
+
+
+def phase_restart(c):
+    """After the clean restart: everything is there; then more deletes (plain and durable),
+    given time to reach the device before the node is killed."""
+    verify_after_restart(c, deleted_in_main)
+    for n, i in enumerate(range(50, DATASET, 100)):
+        c.remove((NS, DATASET_SET, i), policy={"durable_delete": True} if n % 2 else {})
+    # The tombstones reach the device within flush_interval_ms (1 s).
+    time.sleep(3)
 
 
 HOST = ("127.0.0.1", 3000)
@@ -340,7 +390,7 @@ def main():
     global HOST
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--phase", choices=["main", "restart"], required=True)
+    p.add_argument("--phase", choices=["main", "restart", "after-kill"], required=True)
     args = p.parse_args()
     HOST = ("127.0.0.1", args.port)
     client = aerospike.client({"hosts": [HOST]}).connect()
@@ -358,12 +408,16 @@ def main():
                 print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
         print(f"{len(names) - failures} passed, {failures} failed", flush=True)
     else:
+        check = {
+            "restart": phase_restart,
+            "after-kill": lambda c: verify_after_restart(c, deleted_after_restart),
+        }[args.phase]
         try:
-            verify_after_restart(client)
-            print("PASS verify_after_restart", flush=True)
+            check(client)
+            print(f"PASS {args.phase}", flush=True)
         except Exception:  # noqa: BLE001
             failures += 1
-            print(f"FAIL verify_after_restart\n{traceback.format_exc()}", flush=True)
+            print(f"FAIL {args.phase}\n{traceback.format_exc()}", flush=True)
     client.close()
     sys.exit(1 if failures else 0)
 
