@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use peregrine_engine::format::block_header::BlockHeader;
 use peregrine_engine::format::device_header::{self, DeviceHeader};
+use peregrine_engine::format::metadata::{self, MetadataImage};
 use peregrine_engine::format::record::{self, RecordView};
-use peregrine_engine::scan::{BlockScan, block_read_len, scan_block};
+use peregrine_engine::scan::{BlockScan, VersionKey, belongs_on, block_read_len, scan_block};
 use peregrine_index::Digest;
 
 /// An opened device image.
@@ -56,6 +57,24 @@ impl DeviceImage {
             }
         };
         Ok(DeviceImage { path: path.to_path_buf(), header, file })
+    }
+
+    /// The newest valid metadata slot of this device (format 2), if any.
+    pub fn metadata(&self) -> Option<MetadataImage> {
+        let mut best: Option<MetadataImage> = None;
+        for slot in 0..metadata::SLOT_COUNT {
+            let mut buf = vec![0u8; metadata::SLOT_BYTES];
+            if self.file.read_exact_at(&mut buf, metadata::slot_offset(slot)).is_err() {
+                continue;
+            }
+            if let Some(img) = MetadataImage::decode(&buf)
+                && img.device_set_id == self.header.device_set_id
+                && best.as_ref().is_none_or(|b| img.generation > b.generation)
+            {
+                best = Some(img);
+            }
+        }
+        best
     }
 
     /// Device offset of `block`.
@@ -124,12 +143,42 @@ pub struct CopyAt {
     pub void_time: u32,
 }
 
-/// The newest copy of every record over a namespace's devices, as recovery would pick it.
+/// The metadata in force for a namespace's devices: the newest valid slot over all of them
+/// (empty — nothing truncated — for format-1 devices).
+pub fn namespace_metadata(devices: &[DeviceImage]) -> MetadataImage {
+    let mut best: Option<MetadataImage> = None;
+    for dev in devices {
+        if let Some(img) = dev.metadata()
+            && best.as_ref().is_none_or(|b| img.generation > b.generation)
+        {
+            best = Some(img);
+        }
+    }
+    best.unwrap_or_else(|| MetadataImage::empty(devices.first().map_or(0, |d| d.header.device_set_id)))
+}
+
+/// The newest copy of every record over a namespace's devices, as recovery picks it (the
+/// engine's own rule: [`VersionKey`] among copies on the device their digest selects, minus
+/// copies a truncation covers).
 pub fn newest_copies(devices: &[DeviceImage], mut progress: impl FnMut()) -> Result<HashMap<Digest, CopyAt>, String> {
+    let meta = namespace_metadata(devices);
     let mut newest: HashMap<Digest, CopyAt> = HashMap::new();
     for (d, dev) in devices.iter().enumerate() {
+        let device_index = dev.header.device_index as u8;
+        let device_count = dev.header.device_count as usize;
         for info in dev.used_blocks() {
             dev.scan(&info, |offset, v| {
+                let digest = v.digest();
+                if !belongs_on(&digest, device_index, device_count)
+                    || meta.truncates(
+                        digest.partition().index(),
+                        v.partition_epoch(),
+                        v.set_name(),
+                        v.meta().last_update_ms,
+                    )
+                {
+                    return;
+                }
                 let c = CopyAt {
                     device: d,
                     block: info.index,
@@ -140,11 +189,15 @@ pub fn newest_copies(devices: &[DeviceImage], mut progress: impl FnMut()) -> Res
                     tombstone: v.is_tombstone(),
                     void_time: v.meta().void_time,
                 };
-                let key = |c: &CopyAt| (c.last_update_ms, c.sequence, c.offset);
-                match newest.get(&v.digest()) {
+                let key = |c: &CopyAt| VersionKey {
+                    last_update_ms: c.last_update_ms,
+                    sequence: c.sequence,
+                    offset: c.offset,
+                };
+                match newest.get(&digest) {
                     Some(old) if key(old) >= key(&c) => {}
                     _ => {
-                        newest.insert(v.digest(), c);
+                        newest.insert(digest, c);
                     }
                 }
             })?;

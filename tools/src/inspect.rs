@@ -44,7 +44,7 @@ pub fn info(devices: &[DeviceImage]) -> Result<Json, String> {
         let seqs: Vec<u64> = used.iter().map(|b| b.header.sequence).collect();
         out.push(json!({
             "path": dev.path.display().to_string(),
-            "format_version": peregrine_engine::format::device_header::FORMAT_VERSION,
+            "format_version": h.format_version,
             "namespace": h.namespace,
             "device_index": h.device_index,
             "device_count": h.device_count,
@@ -63,7 +63,21 @@ pub fn info(devices: &[DeviceImage]) -> Result<Json, String> {
             "newest_block_sequence": seqs.iter().max(),
         }));
     }
-    Ok(json!({ "records": records, "expired_records": expired, "tombstones": tombstones, "devices": out }))
+    let meta = crate::image::namespace_metadata(devices);
+    let truncations = json!({
+        "metadata_generation": meta.generation,
+        "namespace_cutoff_ms": meta.namespace_cutoff_ms,
+        "sets": meta.sets.iter().map(|(n, c)| json!({ "set": String::from_utf8_lossy(n), "cutoff_ms": c })).collect::<Vec<_>>(),
+        "partitions_truncated": meta.partitions.iter().filter(|p| p.epoch > 0).count(),
+        "partitions_with_values": meta.partitions.iter().filter(|p| !p.value.is_empty()).count(),
+    });
+    Ok(json!({
+        "records": records,
+        "expired_records": expired,
+        "tombstones": tombstones,
+        "metadata": truncations,
+        "devices": out,
+    }))
 }
 
 /// Human form of `info`.
@@ -100,6 +114,16 @@ pub fn info_text(v: &Json) -> String {
     }
     let _ =
         writeln!(s, "records {} (plus {} expired, {} tombstones)", v["records"], v["expired_records"], v["tombstones"]);
+    let m = &v["metadata"];
+    let _ = writeln!(
+        s,
+        "metadata generation {}: namespace truncated up to {} ms, {} set truncations, {} partitions truncated, {} partitions with values",
+        m["metadata_generation"],
+        m["namespace_cutoff_ms"],
+        m["sets"].as_array().map_or(0, Vec::len),
+        m["partitions_truncated"],
+        m["partitions_with_values"]
+    );
     s
 }
 

@@ -354,3 +354,43 @@ fn layout_pictures_and_format() {
     );
     assert_eq!(json_of(&tool(&["info", fresh.to_str().unwrap(), "--json"]))["devices"][0]["blocks_total"], 120);
 }
+
+/// The tools pick record copies by the engine's own rule, truncations included: records a
+/// truncation covers are neither counted nor backed up.
+#[test]
+fn truncated_records_are_not_counted_or_backed_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("d.dat");
+    let e = Engine::open(config(&dev)).unwrap();
+    let other = |k: i64| Digest::of_key(b"other", KeyRef::Int(k));
+    for k in 0..300i64 {
+        e.put(&digest(k), b"users", None, value(k), &WritePolicy::default()).unwrap();
+        e.put(&other(k), b"other", None, value(k), &WritePolicy::default()).unwrap();
+    }
+    let pid = other(0).partition();
+    let in_pid = (0..300).filter(|k| other(*k).partition() == pid).count() as u64;
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    peregrine_engine::completion::block_on(e.truncate(Some(b"users"), None)).unwrap();
+    peregrine_engine::completion::block_on(e.truncate_partition(pid)).unwrap();
+    e.put(&digest(7), b"users", None, value(7), &WritePolicy::default()).unwrap();
+    e.close().unwrap();
+    drop(e);
+    let out = tool(&["info", dev.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json_of(&out);
+    assert_eq!(v["records"], 300 - in_pid + 1, "{v}");
+    assert_eq!(v["metadata"]["sets"][0]["set"], "users");
+    assert_eq!(v["metadata"]["partitions_truncated"], 1);
+    let backup = dir.path().join("b.pgb");
+    let out = tool(&["backup", dev.to_str().unwrap(), "--out", backup.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let restored = dir.path().join("r.dat");
+    let (b, r) = (backup.to_str().unwrap(), restored.to_str().unwrap());
+    let out = tool(&["restore", b, "--to", r, "--device-size", "33554432", "--write-block", "131072"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = Engine::open(config(&restored)).unwrap();
+    assert_eq!(e.stats().records, 300 - in_pid + 1);
+    assert!(e.get(&digest(7), &BinSelection::All).is_ok());
+    assert!(e.get(&digest(8), &BinSelection::All).is_err());
+    e.close().unwrap();
+}
