@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use super::{AlignedBuf, DeviceIo, IO_ALIGN_BYTES, IoBackendKind, WriteSource};
 use crate::completion::Completion;
@@ -175,6 +175,7 @@ struct State {
 pub struct SimDevice {
     granule: usize,
     state: Mutex<State>,
+    pause: Mutex<Option<Arc<WritePause>>>,
     ops: AtomicU64,
     reads: AtomicU64,
     writes: AtomicU64,
@@ -243,6 +244,7 @@ impl SimDevice {
                 limit: DEFAULT_SIZE_LIMIT_BYTES.max(size_bytes),
                 trace: None,
             }),
+            pause: Mutex::new(None),
             ops: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
@@ -252,6 +254,33 @@ impl SimDevice {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Holds the next write whose range covers byte `offset` before it reads its source bytes,
+    /// until [`WritePause::release`]: a test can change memory while the "kernel" is about to
+    /// copy it, which shows whether the writer handed over bytes someone else still writes.
+    pub fn pause_write_covering(&self, offset: u64) -> Arc<WritePause> {
+        let p = Arc::new(WritePause { offset, state: Mutex::new((false, false)), changed: Condvar::new() });
+        *self.pause.lock().unwrap_or_else(PoisonError::into_inner) = Some(p.clone());
+        p
+    }
+
+    fn maybe_pause(&self, offset: u64, len: usize) {
+        let hit = {
+            let mut slot = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
+            match slot.as_ref() {
+                Some(p) if p.offset >= offset && p.offset < offset + len as u64 => slot.take(),
+                _ => None,
+            }
+        };
+        if let Some(p) = hit {
+            let mut st = p.state.lock().unwrap_or_else(PoisonError::into_inner);
+            st.0 = true;
+            p.changed.notify_all();
+            while !st.1 {
+                st = p.changed.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
+        }
     }
 
     /// Current size of the live image in bytes.
@@ -526,6 +555,7 @@ impl DeviceIo for SimDevice {
         if let Err(e) = super::check_write(offset, &src, self.granule) {
             return Completion::ready(Err(e));
         }
+        self.maybe_pause(offset, src.len);
         let mut st = self.lock();
         let (index, kind_index, fault) = self.begin(&mut st, OpKind::Write);
         if fault == Some(Fault::Panic) {
@@ -546,6 +576,30 @@ impl DeviceIo for SimDevice {
         let r = self.do_sync(&mut st, fault);
         let op = OpRecord { index, kind: OpKind::Sync, kind_index, offset: 0, len: 0, fault, ok: false };
         self.finish(&mut st, op, r)
+    }
+}
+
+/// A write held by [`SimDevice::pause_write_covering`].
+#[derive(Debug)]
+pub struct WritePause {
+    offset: u64,
+    /// (reached, released)
+    state: Mutex<(bool, bool)>,
+    changed: Condvar,
+}
+
+impl WritePause {
+    /// Waits until the paused write has arrived (or `timeout` passes); returns whether it did.
+    pub fn wait_reached(&self, timeout: std::time::Duration) -> bool {
+        let st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (st, _) = self.changed.wait_timeout_while(st, timeout, |s| !s.0).unwrap_or_else(PoisonError::into_inner);
+        st.0
+    }
+
+    /// Lets the paused write go on.
+    pub fn release(&self) {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
+        self.changed.notify_all();
     }
 }
 
