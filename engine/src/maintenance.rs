@@ -147,7 +147,7 @@ impl Store {
                     return out;
                 }
                 if !e.is_tombstone() && is_expired(e.void_time, now) {
-                    out.push((e.digest, crate::ops::meta_of(&e)));
+                    out.push((e.digest, crate::store::meta_of(&e)));
                 }
             }
         }
@@ -170,7 +170,7 @@ impl Store {
                     return out;
                 }
                 if !e.is_tombstone() && e.void_time != 0 && !is_expired(e.void_time, now) && e.void_time <= cutoff {
-                    out.push((e.digest, crate::ops::meta_of(&e)));
+                    out.push((e.digest, crate::store::meta_of(&e)));
                 }
             }
         }

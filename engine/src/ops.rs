@@ -8,6 +8,7 @@ use peregrine_index::{Digest, Entry, PartitionId};
 use crate::completion::block_on;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::store::meta_of;
 use crate::policy::{BinSelection, GenerationPolicy, RecordExists, Ttl, WritePolicy};
 use crate::record::{Bin, Record, RecordMeta, StoredKey};
 /// Longest TTL accepted (10 years, as Aerospike).
@@ -259,10 +260,6 @@ impl Engine {
     pub fn sets(&self) -> Vec<(u16, Vec<u8>)> {
         self.inner.sets.all()
     }
-}
-
-pub(crate) fn meta_of(e: &Entry) -> RecordMeta {
-    RecordMeta { generation: e.generation, void_time: e.void_time, last_update_ms: e.last_update_ms }
 }
 
 fn check_generation(policy: GenerationPolicy, existing: Option<&Existing<'_>>) -> Result<()> {

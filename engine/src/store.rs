@@ -25,7 +25,7 @@ use crate::geometry::device_for;
 use crate::io::DeviceIo;
 use crate::metadata::Metadata;
 use crate::poison::Poison;
-use crate::record::RecordVersion;
+use crate::record::{RecordMeta, RecordVersion};
 use crate::recovery::DeviceRecovery;
 use crate::sets::SetRegistry;
 use crate::writer::{ReadActivity, Writer};
@@ -290,4 +290,9 @@ impl Store {
     pub(crate) fn barrier_waits(&self) -> Vec<Completion<Result<()>>> {
         self.devices.iter().flat_map(|d| [d.writer.flush(), d.defrag_writer.flush()]).collect()
     }
+}
+
+/// The metadata an index entry carries.
+pub(crate) fn meta_of(e: &Entry) -> RecordMeta {
+    RecordMeta { generation: e.generation, void_time: e.void_time, last_update_ms: e.last_update_ms }
 }
