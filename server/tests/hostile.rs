@@ -151,24 +151,16 @@ fn bad_frames_close_the_connection_and_the_server_keeps_serving() {
     assert!(info(addr, "node").starts_with("node\t"));
     let log = server.log_text();
     assert!(log.contains("TLS"), "the TLS case is not named in the log:\n{log}");
-    let metrics = http_get(&server.metrics_addr(), "/metrics");
-    assert_eq!(metric(&metrics, "peregrine_bad_frames_total", &[]), Some(5), "{metrics}");
     // The write of key 1 and the normal client's write; the two malformed messages (error 4)
     // count as reads, as does the normal client's read.
-    assert_eq!(
-        metric(&metrics, "peregrine_requests_total", &[("kind", "write"), ("result", "0")]),
-        Some(2),
-        "{metrics}"
-    );
-    assert_eq!(
-        metric(&metrics, "peregrine_requests_total", &[("kind", "read"), ("result", "4")]),
-        Some(2),
-        "{metrics}"
-    );
-    assert_eq!(
-        metric(&metrics, "peregrine_requests_total", &[("kind", "read"), ("result", "0")]),
-        Some(1),
-        "{metrics}"
+    metrics_become(
+        &server,
+        &[
+            ("peregrine_bad_frames_total", &[], 5),
+            ("peregrine_requests_total", &[("kind", "write"), ("result", "0")], 2),
+            ("peregrine_requests_total", &[("kind", "read"), ("result", "4")], 2),
+            ("peregrine_requests_total", &[("kind", "read"), ("result", "0")], 1),
+        ],
     );
     assert!(server.stop().success());
 }
@@ -226,9 +218,7 @@ fn half_sent_large_frames_keep_memory_bounded_and_time_out() {
         assert!(closed_by_server(s));
     }
     assert_eq!(request_buffer_bytes(&server, 0), Some(0));
-    let timeouts =
-        eventually(|| metric(&http_get(&server.metrics_addr(), "/metrics"), "peregrine_timeouts_total", &[]), 200);
-    assert_eq!(timeouts, Some(200));
+    metrics_become(&server, &[("peregrine_timeouts_total", &[], 200)]);
     // The info figure counts the info request's own body, buffered while it is answered.
     assert_eq!(statistic(&info(server.addr, "statistics"), "request_buffer_bytes"), Some("statistics\n".len() as u64));
     assert!(server.stop().success());
@@ -271,8 +261,7 @@ fn connection_limit_and_idle_deadline() {
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(800) && waited < Duration::from_secs(5), "idle close after {waited:?}");
     normal_client_works(server.addr, 9);
-    let metrics = http_get(&server.metrics_addr(), "/metrics");
-    assert_eq!(metric(&metrics, "peregrine_connections_refused_total", &[]), Some(1), "{metrics}");
+    metrics_become(&server, &[("peregrine_connections_refused_total", &[], 1)]);
     assert!(server.stop().success());
 }
 
@@ -435,6 +424,26 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
 fn statistic(answer: &str, key: &str) -> Option<u64> {
     let values = answer.split_once('\t').map_or(answer, |(_, v)| v).trim_end();
     values.split(';').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v.parse().unwrap())
+}
+
+/// An expected series: name, exact label set, value.
+type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], u64);
+
+/// Reads `/metrics` until every series has exactly its expected value (5 s at most), then
+/// asserts it. The node counts a request or a closed connection just after the client sees
+/// its reply or the close, so a reading taken at once can be a moment early.
+fn metrics_become(server: &Server, want: &[Expected<'_>]) {
+    let read = || http_get(&server.metrics_addr(), "/metrics");
+    let matches = |text: &str| want.iter().all(|(name, labels, v)| metric(text, name, labels) == Some(*v));
+    let started = Instant::now();
+    let mut text = read();
+    while !matches(&text) && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+        text = read();
+    }
+    for (name, labels, v) in want {
+        assert_eq!(metric(&text, name, labels), Some(*v), "{name}{labels:?} in\n{text}");
+    }
 }
 
 /// Reads a figure until it equals `want` or 5 s pass; returns the last reading.
