@@ -44,6 +44,8 @@ pub(crate) struct Metadata {
     namespace_cutoff_ms: AtomicU64,
     /// Truncation cutoff by set id (0 = none), kept in step with the image's set names.
     set_cutoff_by_id: Box<[AtomicU64]>,
+    /// Whether any set has a truncation cutoff (lets writes skip the set lookup).
+    any_set_cutoff: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     requests: Mutex<Option<Sender<Request>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -63,6 +65,7 @@ impl Metadata {
             epochs,
             namespace_cutoff_ms: AtomicU64::new(image.namespace_cutoff_ms),
             set_cutoff_by_id: (0..=SET_ID_MAX).map(|_| AtomicU64::new(0)).collect(),
+            any_set_cutoff: std::sync::atomic::AtomicBool::new(!image.sets.is_empty()),
             state: Mutex::new(State { set_cutoffs: image.sets.iter().cloned().collect(), image }),
             requests: Mutex::new(None),
             thread: Mutex::new(None),
@@ -106,6 +109,16 @@ impl Metadata {
         ns.max(set)
     }
 
+    /// Whether any set carries a truncation cutoff.
+    pub(crate) fn any_set_cutoff(&self) -> bool {
+        self.any_set_cutoff.load(Ordering::Relaxed)
+    }
+
+    /// The namespace's truncation cutoff (0 = none).
+    pub(crate) fn namespace_cutoff_ms(&self) -> u64 {
+        self.namespace_cutoff_ms.load(Ordering::SeqCst)
+    }
+
     /// Raises the in-memory cutoff of the namespace (`set` = None) or of a set (whose id is
     /// `set_id` if it has one). Durable only once [`Metadata::persist`] completes.
     pub(crate) fn raise_cutoff(&self, set: Option<(&[u8], Option<u16>)>, cutoff_ms: u64) {
@@ -115,6 +128,7 @@ impl Metadata {
                 self.namespace_cutoff_ms.fetch_max(cutoff_ms, Ordering::SeqCst);
             }
             Some((name, id)) => {
+                self.any_set_cutoff.store(true, Ordering::SeqCst);
                 let c = st.set_cutoffs.entry(name.to_vec()).or_insert(0);
                 *c = (*c).max(cutoff_ms);
                 if let Some(c) = id.and_then(|id| self.set_cutoff_by_id.get(usize::from(id))) {

@@ -153,11 +153,16 @@ impl Engine {
 
     /// A new version of a set must be newer than the set's truncation cutoff.
     fn truncation_floor(&self, change: &Change) -> u64 {
+        let meta = &self.inner.metadata;
         let set = match change {
-            Change::Put { set_name, .. } => self.inner.sets.lookup(set_name),
+            Change::Put { set_name, .. } if meta.any_set_cutoff() => self.inner.sets.lookup(set_name),
             _ => None,
         };
-        self.inner.metadata.cutoff_ms(set.unwrap_or(0)) + 1
+        match set {
+            Some(id) => meta.cutoff_ms(id),
+            None => meta.namespace_cutoff_ms(),
+        }
+        .saturating_add(1)
     }
 
     /// Apply step for a locally prepared version: commits it if the index entry is still the
