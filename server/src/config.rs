@@ -12,6 +12,9 @@ use serde::Deserialize;
 /// Default size of a file device created for a namespace that names none.
 pub const DEFAULT_FILE_DEVICE_BYTES: u64 = 1 << 30;
 
+/// Largest node-wide request byte budget (the budget is a semaphore of one permit per byte).
+pub const INFLIGHT_REQUEST_BYTES_MAX: u64 = 1 << 40;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -352,6 +355,9 @@ impl Config {
         if self.server.max_inflight_request_bytes < self.server.max_frame_bytes {
             return Err("max_inflight_request_bytes must hold at least one max_frame_bytes frame".into());
         }
+        if self.server.max_inflight_request_bytes > INFLIGHT_REQUEST_BYTES_MAX {
+            return Err(format!("max_inflight_request_bytes must be at most {INFLIGHT_REQUEST_BYTES_MAX} (1 TiB)"));
+        }
         if self.server.max_connections == 0 {
             return Err("max_connections must be at least 1".into());
         }
@@ -614,6 +620,9 @@ mod tests {
         assert!(err.contains("twice"), "{err}");
         let err = Config::parse("[[namespace]]\nname = \"a\"\nio_backend = \"fast\"\n").unwrap_err();
         assert!(err.contains("io_backend") && err.contains("blocking"), "{err}");
+        // A budget beyond what the byte semaphore can count is refused, not a panic at start.
+        let err = Config::parse("[server]\nmax_inflight_request_bytes = 9223372036854775807\n").unwrap_err();
+        assert!(err.contains("max_inflight_request_bytes"), "{err}");
         let c = Config::parse("[[namespace]]\nname = \"a\"\nwrite_block_bytes = 1000\n").unwrap();
         assert!(c.namespaces[0].engine_config(Path::new("/d"), vec![]).unwrap_err().contains("write_block_bytes"));
     }
