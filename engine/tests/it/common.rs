@@ -7,8 +7,19 @@ use peregrine_engine::clock::Clock;
 use peregrine_engine::io::{IoBackendChoice, IoOptions};
 use peregrine_engine::{Bin, Digest, EngineConfig, KeyRef, StoredKey, Value};
 
-/// Both I/O backends; every behaviour test runs on each.
-pub const BACKENDS: [IoBackendChoice; 2] = [IoBackendChoice::Uring, IoBackendChoice::Blocking];
+/// Every I/O backend; every behaviour test runs on each: io_uring, the blocking pool, and the
+/// in-memory simulated device ([`peregrine_engine::io::sim`]). With the simulated backend the
+/// device file is created and locked but never written: its contents live in a process-global
+/// registry keyed by the device's path, so reopening an engine on the same path (a clean
+/// restart) finds the same device, and every test's fresh temp dir gets a fresh device.
+pub const BACKENDS: [IoBackendChoice; 3] =
+    [IoBackendChoice::Uring, IoBackendChoice::Blocking, IoBackendChoice::Simulated];
+
+/// The backends that write the device file itself, for tests that need the bytes to be in a real
+/// file or a real process: a child killed with SIGKILL (the simulated device dies with the
+/// process), bytes flipped or torn in the device file on disk or read back with `std::fs`
+/// (the simulation never sees them), loop devices, and exclusive-lock tests across processes.
+pub const REAL_BACKENDS: [IoBackendChoice; 2] = [IoBackendChoice::Uring, IoBackendChoice::Blocking];
 
 /// Small blocks so tests cross block boundaries often.
 pub const TEST_BLOCK_BYTES: u32 = 128 * 1024;
@@ -35,6 +46,35 @@ pub fn config_with_clock(dir: &Path, backend: IoBackendChoice, size: u64, clock:
 /// The device file of [`config`].
 pub fn device_path(dir: &Path) -> PathBuf {
     dir.join("dev0.dat")
+}
+
+/// Forgets the simulated devices of the device files in `dir` (see [`BACKENDS`]) so their
+/// images (up to twice the file size each) are freed; a no-op for the real backends.
+pub fn forget_sim_devices(dir: &Path) {
+    for i in 0..8 {
+        peregrine_engine::io::sim::remove(dir.join(format!("dev{i}.dat")));
+    }
+}
+
+/// A fresh temp dir for a test's device files that, when dropped, also forgets the simulated
+/// devices registered for them ([`forget_sim_devices`]).
+pub struct TestDir(tempfile::TempDir);
+
+impl TestDir {
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        forget_sim_devices(self.0.path());
+    }
+}
+
+/// A [`TestDir`].
+pub fn test_dir() -> TestDir {
+    TestDir(tempfile::tempdir().unwrap())
 }
 
 /// Digest of integer key `k` in set "s".

@@ -182,6 +182,8 @@ fn kill_9_during_heavy_defrag_loses_and_resurrects_nothing() {
 /// defrag had moved before a kill.
 fn kill_cycles(shape: Shape, test_name: &str, cycles: u64, acks: std::ops::Range<u64>) -> u64 {
     let mut defrag_moved = 0u64;
+    // Real backends only (see `REAL_BACKENDS`): a simulated device lives in the child's memory
+    // and dies with it; `crash_sim` cuts the power of a simulated device instead.
     for (backend, name) in [(IoBackendChoice::Uring, "uring"), (IoBackendChoice::Blocking, "blocking")] {
         let dir = tempfile::tempdir().unwrap();
         let mut states: HashMap<i64, KeyState> = HashMap::new();

@@ -9,40 +9,47 @@ use peregrine_engine::{BinSelection, DeviceSpec, Engine, EngineConfig, Error, Wr
 
 use crate::common::*;
 
+/// Within one process; the simulated backend opens and locks the device file too.
 #[test]
 fn a_device_is_held_exclusively() {
-    let dir = tempfile::tempdir().unwrap();
-    let e = Engine::open(config(dir.path(), BACKENDS[0], 16 << 20)).unwrap();
-    let err = Engine::open(config(dir.path(), BACKENDS[0], 16 << 20)).unwrap_err();
-    assert!(matches!(err, Error::DeviceInUse { .. }), "{err}");
-    assert!(err.to_string().contains("in use"), "{err}");
-    e.close().unwrap();
-    drop(e);
-    Engine::open(config(dir.path(), BACKENDS[0], 16 << 20)).unwrap().close().unwrap();
+    for backend in BACKENDS {
+        let dir = test_dir();
+        let e = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap();
+        let err = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap_err();
+        assert!(matches!(err, Error::DeviceInUse { .. }), "{backend:?}: {err}");
+        assert!(err.to_string().contains("in use"), "{err}");
+        e.close().unwrap();
+        drop(e);
+        Engine::open(config(dir.path(), backend, 16 << 20)).unwrap().close().unwrap();
+    }
 }
 
 #[test]
 fn backend_choice_is_honoured() {
-    for (backend, kind) in BACKENDS.into_iter().zip([IoBackendKind::Uring, IoBackendKind::Blocking]) {
-        let dir = tempfile::tempdir().unwrap();
+    for (backend, kind) in
+        BACKENDS.into_iter().zip([IoBackendKind::Uring, IoBackendKind::Blocking, IoBackendKind::Simulated])
+    {
+        let dir = test_dir();
         let e = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap();
         assert_eq!(e.io_backend(), kind);
         assert_eq!(e.stats().devices[0].backend, kind.to_string());
     }
 }
 
+/// Real backends only: the foreign bytes are written into the device file with `std::fs`, which
+/// a simulated device never reads.
 #[test]
 fn foreign_devices_are_refused_unless_formatting_is_asked_for() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let path = device_path(dir.path());
     let mut f = std::fs::File::create(&path).unwrap();
     f.write_all(&vec![0xAB; 16 << 20]).unwrap();
     drop(f);
-    let err = Engine::open(config(dir.path(), BACKENDS[0], 16 << 20)).unwrap_err();
+    let err = Engine::open(config(dir.path(), REAL_BACKENDS[0], 16 << 20)).unwrap_err();
     assert!(matches!(err, Error::Device { .. }), "{err}");
     assert!(err.to_string().contains("not a Peregrine device"), "{err}");
     assert!(err.to_string().contains("format_foreign_devices"), "{err}");
-    let mut cfg = config(dir.path(), BACKENDS[0], 16 << 20);
+    let mut cfg = config(dir.path(), REAL_BACKENDS[0], 16 << 20);
     cfg.format_foreign_devices = true;
     let e = Engine::open(cfg).unwrap();
     e.put(&digest(1), b"s", None, bins(1, 0, 10), &WritePolicy::default()).unwrap();
@@ -51,16 +58,18 @@ fn foreign_devices_are_refused_unless_formatting_is_asked_for() {
 
 #[test]
 fn mismatched_devices_are_refused_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    Engine::open(config(dir.path(), BACKENDS[0], 16 << 20)).unwrap().close().unwrap();
-    let mut other_ns = config(dir.path(), BACKENDS[0], 16 << 20);
-    other_ns.namespace = "other".into();
-    let err = Engine::open(other_ns).unwrap_err().to_string();
-    assert!(err.contains("belongs to namespace 'test'"), "{err}");
-    let mut other_block = config(dir.path(), BACKENDS[0], 16 << 20);
-    other_block.write_block_bytes = 256 * 1024;
-    let err = Engine::open(other_block).unwrap_err().to_string();
-    assert!(err.contains("write_block_bytes"), "{err}");
+    for backend in BACKENDS {
+        let dir = test_dir();
+        Engine::open(config(dir.path(), backend, 16 << 20)).unwrap().close().unwrap();
+        let mut other_ns = config(dir.path(), backend, 16 << 20);
+        other_ns.namespace = "other".into();
+        let err = Engine::open(other_ns).unwrap_err().to_string();
+        assert!(err.contains("belongs to namespace 'test'"), "{backend:?}: {err}");
+        let mut other_block = config(dir.path(), backend, 16 << 20);
+        other_block.write_block_bytes = 256 * 1024;
+        let err = Engine::open(other_block).unwrap_err().to_string();
+        assert!(err.contains("write_block_bytes"), "{backend:?}: {err}");
+    }
 }
 
 fn two_device_config(dir: &std::path::Path, backend: peregrine_engine::io::IoBackendChoice) -> EngineConfig {
@@ -73,7 +82,7 @@ fn two_device_config(dir: &std::path::Path, backend: peregrine_engine::io::IoBac
 #[test]
 fn two_device_namespace_round_trip_and_restart() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         {
             let e = Engine::open(two_device_config(dir.path(), backend)).unwrap();
             for k in 0..2000 {
@@ -109,13 +118,14 @@ impl Drop for LoopDevice {
 
 /// The block-device path (BLKGETSIZE64, BLKSSZGET, O_EXCL) on a real loop device. Needs root
 /// and losetup; set PEREGRINE_SKIP_LOOP_DEVICE=1 to skip it explicitly where neither exists.
+/// Real backends only: the point is the kernel's block device.
 #[test]
 fn loop_device_round_trip() {
     if std::env::var_os("PEREGRINE_SKIP_LOOP_DEVICE").is_some() {
         eprintln!("loop device test skipped by PEREGRINE_SKIP_LOOP_DEVICE");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let backing = dir.path().join("backing.img");
     std::fs::File::create(&backing).unwrap().set_len(32 << 20).unwrap();
     let out = Command::new("losetup")
@@ -125,7 +135,7 @@ fn loop_device_round_trip() {
         .expect("losetup must be installed (util-linux) and the test run as root");
     assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
     let dev = LoopDevice(String::from_utf8(out.stdout).unwrap().trim().to_string());
-    for backend in BACKENDS {
+    for backend in REAL_BACKENDS {
         let mut cfg = config(dir.path(), backend, 16 << 20);
         cfg.devices = vec![DeviceSpec { path: dev.0.clone().into(), file_size_bytes: None }];
         cfg.format_foreign_devices = true;

@@ -5,7 +5,9 @@
 
 mod common;
 mod crash;
+mod crash_sim;
 mod devices;
+mod failpoints;
 mod metadata;
 mod recovery;
 mod replica;

@@ -40,11 +40,12 @@ fn patch(path: &Path, offset: u64, f: impl FnOnce(&mut [u8])) {
 
 /// A torn last block (cut at a sector boundary, zeros or garbage after it) is detected and
 /// reported; every record before the cut survives, and the engine accepts writes afterwards.
+/// Real backends only: the tear is made in the device file on disk.
 #[test]
 fn torn_final_block_is_detected_and_everything_before_it_survives() {
-    for backend in BACKENDS {
+    for backend in REAL_BACKENDS {
         for garbage in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
+            let dir = test_dir();
             let path = device_path(dir.path());
             let e = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap();
             for k in 0..600 {
@@ -89,10 +90,11 @@ fn torn_final_block_is_detected_and_everything_before_it_survives() {
 
 /// A flipped bit in a record on the device is a corruption error on read (never wrong bytes),
 /// counted in stats; after a restart recovery reports the damage and the record is gone.
+/// Real backends only: the bit is flipped in the device file on disk.
 #[test]
 fn flipped_bits_are_reported_as_corruption() {
-    for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+    for backend in REAL_BACKENDS {
+        let dir = test_dir();
         let path = device_path(dir.path());
         let mut cfg = config(dir.path(), backend, 16 << 20);
         cfg.writer.post_write_cache_bytes = 0;
@@ -130,7 +132,7 @@ fn flipped_bits_are_reported_as_corruption() {
 #[test]
 fn one_device_read_per_record_read() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let mut cfg = config(dir.path(), backend, 16 << 20);
         cfg.writer.post_write_cache_bytes = 0;
         // Keep defrag from moving the partly filled last block into memory mid-test.
@@ -156,7 +158,7 @@ fn one_device_read_per_record_read() {
 #[test]
 fn recovery_rebuilds_live_bytes_exactly() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let cfg = config(dir.path(), backend, 16 << 20);
         let e = Engine::open(cfg.clone()).unwrap();
         let mut rng = Rng(7);

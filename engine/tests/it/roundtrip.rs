@@ -26,7 +26,7 @@ fn policy(exists: RecordExists) -> WritePolicy {
 #[test]
 fn every_bin_type_round_trips() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let e = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap();
         let all = vec![
             Bin::new("int", Value::Int(-7)).unwrap(),
@@ -63,7 +63,7 @@ fn every_bin_type_round_trips() {
 #[test]
 fn existence_policies() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let e = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap();
         let a = || vec![Bin::new("a", Value::Int(1)).unwrap()];
         let b = || vec![Bin::new("b", Value::Int(2)).unwrap()];
@@ -92,7 +92,7 @@ fn existence_policies() {
 #[test]
 fn generation_policies() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let e = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap();
         let v = |x| vec![Bin::new("v", Value::Int(x)).unwrap()];
         let gen_eq = |g| WritePolicy { generation: GenerationPolicy::Equal(g), ..WritePolicy::default() };
@@ -118,7 +118,7 @@ fn generation_policies() {
 #[test]
 fn ttl_and_expiry() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let start_ms = (CITRUSLEAF_EPOCH_UNIX_S + 1_000_000) * 1000;
         let clock = Arc::new(ManualClock::new(start_ms));
         let mut cfg = config_with_clock(dir.path(), backend, 16 << 20, clock.clone());
@@ -152,7 +152,7 @@ fn ttl_and_expiry() {
 #[test]
 fn limits_give_clear_errors() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let e = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap();
         let big = vec![Bin::new("v", Value::Blob(vec![7; 70 * 1024])).unwrap()];
         match put(&e, 1, big, WritePolicy::default()) {
@@ -177,7 +177,7 @@ fn limits_give_clear_errors() {
 #[test]
 fn overwrites_and_deletes_survive_restart() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         {
             let e = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap();
             for v in 0..5u64 {
@@ -214,7 +214,7 @@ fn overwrites_and_deletes_survive_restart() {
 #[test]
 fn partitions_list_in_digest_order() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let e = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap();
         for k in 0..3000 {
             put(&e, k, bins(k, 0, 20), WritePolicy::default()).unwrap();

@@ -51,7 +51,7 @@ fn overwrite_churn_at_three_quarters_fill_keeps_writing() {
 /// Overwrites `device_passes` times the device size at `fill_pct`.
 fn overwrite_churn(fill_pct: u64, device_passes: u64, max_record_write_amplification: f64) {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let size: u64 = 16 << 20;
         let cfg = small(dir.path(), backend, size);
         let e = Engine::open(cfg.clone()).unwrap();
@@ -109,7 +109,7 @@ fn overwrite_churn(fill_pct: u64, device_passes: u64, max_record_write_amplifica
 #[test]
 fn device_full_then_recovery() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let cfg = small(dir.path(), backend, 8 << 20);
         let e = Engine::open(cfg.clone()).unwrap();
         let mut written = 0i64;
@@ -185,7 +185,7 @@ fn device_full_then_recovery() {
 #[test]
 fn expiry_releases_space_and_nothing_comes_back() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let clock = Arc::new(ManualClock::new((CITRUSLEAF_EPOCH_UNIX_S + 5_000_000) * 1000));
         let mut cfg = small(dir.path(), backend, 16 << 20);
         cfg.clock = clock.clone();
@@ -233,7 +233,7 @@ fn expiry_releases_space_and_nothing_comes_back() {
 /// Over the high-water mark, the records closest to expiry go first; records without TTL never.
 #[test]
 fn eviction_takes_the_soonest_to_expire_and_never_records_without_ttl() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let clock = Arc::new(ManualClock::new((CITRUSLEAF_EPOCH_UNIX_S + 5_000_000) * 1000));
     let mut cfg = small(dir.path(), BACKENDS[0], 16 << 20);
     cfg.clock = clock.clone();
@@ -273,7 +273,7 @@ fn eviction_takes_the_soonest_to_expire_and_never_records_without_ttl() {
 #[test]
 fn tombstones_do_not_pile_up_under_delete_churn() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let mut cfg = small(dir.path(), backend, 16 << 20);
         cfg.tomb_raider_period_s = 0;
         cfg.tomb_raider_tombstone_pct = 100;
@@ -323,7 +323,7 @@ fn tombstones_do_not_pile_up_under_delete_churn() {
 #[test]
 fn write_queue_limit_fails_fast() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let mut cfg = small(dir.path(), backend, 64 << 20);
         cfg.writer.max_write_queue_bytes = u64::from(TEST_BLOCK_BYTES);
         let e = Engine::open(cfg).unwrap();

@@ -15,7 +15,7 @@ const OPS_PER_THREAD: u64 = 3000;
 #[test]
 fn eight_threads_against_a_model_then_restart() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let cfg = config(dir.path(), backend, 64 << 20);
         let e = Engine::open(cfg.clone()).unwrap();
         let model: Mutex<HashMap<i64, Option<u64>>> = Mutex::new(HashMap::new());
@@ -85,7 +85,7 @@ fn eight_threads_against_a_model_then_restart() {
 #[test]
 fn read_modify_write_is_atomic_under_contention() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let e = Engine::open(config(dir.path(), backend, 32 << 20)).unwrap();
         let increments = 300;
         let busy = std::sync::atomic::AtomicU64::new(0);
