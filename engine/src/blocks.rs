@@ -106,6 +106,8 @@ impl BlockState {
 struct Slot {
     state: AtomicU8,
     sequence: AtomicU64,
+    /// Seed of the record checksums of the block's current incarnation.
+    seed: AtomicU64,
     live_bytes: AtomicU64,
     /// Per stream: the largest write position that killed a record of this block.
     killed_at: [AtomicU64; STREAMS],
@@ -256,6 +258,16 @@ impl BlockTable {
     /// The block's current sequence number (meaningful unless Free).
     pub fn sequence(&self, block: u32) -> u64 {
         self.slots[block as usize].sequence.load(Ordering::SeqCst)
+    }
+
+    /// The checksum seed of the block's records (meaningful unless Free).
+    pub fn seed(&self, block: u32) -> u64 {
+        self.slots[block as usize].seed.load(Ordering::SeqCst)
+    }
+
+    /// Sets the checksum seed of the block's current incarnation (when opened, or at recovery).
+    pub fn set_seed(&self, block: u32, seed: u64) {
+        self.slots[block as usize].seed.store(seed, Ordering::SeqCst);
     }
 
     /// Live bytes in the block.

@@ -152,6 +152,7 @@ struct Opened {
     probe: Probe,
 }
 
+/// 64 random bits (device set ids, block nonce seeds); never 0.
 fn new_device_set_id() -> u64 {
     let mut bytes = [0u8; 8];
     let got = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
@@ -261,6 +262,7 @@ impl Engine {
                     mem.clone(),
                     reads.clone(),
                     poison.clone(),
+                    new_device_set_id() ^ (stream as u64),
                 ))
             };
             let writer = new_writer(Stream::Client, config.writer.clone());

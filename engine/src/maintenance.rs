@@ -199,8 +199,8 @@ impl Store {
             // copied up to their fill mark only: appenders are writing past it.
             for w in [&dev.writer, &dev.defrag_writer] {
                 for block in w.blocks_in_memory() {
-                    let Some((bytes, sequence, fill)) = w.copy_filled(block) else { continue };
-                    let header = BlockHeader::for_scan(sequence, block, fill);
+                    let Some((bytes, seed, fill)) = w.copy_filled(block) else { continue };
+                    let header = BlockHeader::for_scan(seed, 0, block, fill);
                     scan_block(&bytes, &header, |_, v| needed(v.digest(), v.meta().last_update_ms, v.is_tombstone()));
                 }
             }

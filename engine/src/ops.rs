@@ -8,9 +8,9 @@ use peregrine_index::{Digest, Entry, PartitionId};
 use crate::completion::block_on;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::store::meta_of;
 use crate::policy::{BinSelection, GenerationPolicy, RecordExists, Ttl, WritePolicy};
 use crate::record::{Bin, Record, RecordMeta, StoredKey};
+use crate::store::meta_of;
 /// Longest TTL accepted (10 years, as Aerospike).
 pub const TTL_SECONDS_MAX: u32 = 10 * 365 * 24 * 3600;
 

@@ -1,5 +1,5 @@
 //! The read path: index entry → the record's bytes from a write block still in memory, or with
-//! exactly one aligned device read → verification (checksum seeded by the block sequence,
+//! exactly one aligned device read → verification (checksum seeded by the block's seed,
 //! digest, generation, extent). A record that moved while it was being read (overwritten, its
 //! block defragmented or reused) is looked up again; bytes that fail verification while the
 //! index still points at them are reported as corruption and never returned.
@@ -19,22 +19,22 @@ const READ_ATTEMPTS_MAX: usize = 8;
 /// A record's verified bytes.
 #[derive(Debug)]
 pub(crate) enum RecordBytes {
-    Memory { bytes: Vec<u8>, sequence: u64 },
-    Device { buf: AlignedBuf, start: usize, len: usize, sequence: u64 },
+    Memory { bytes: Vec<u8>, seed: u64 },
+    Device { buf: AlignedBuf, start: usize, len: usize, seed: u64 },
 }
 
 impl RecordBytes {
-    fn bytes_and_sequence(&self) -> (&[u8], u64) {
+    fn bytes_and_seed(&self) -> (&[u8], u64) {
         match self {
-            RecordBytes::Memory { bytes, sequence } => (bytes, *sequence),
-            RecordBytes::Device { buf, start, len, sequence } => (&buf.as_slice()[*start..*start + *len], *sequence),
+            RecordBytes::Memory { bytes, seed } => (bytes, *seed),
+            RecordBytes::Device { buf, start, len, seed } => (&buf.as_slice()[*start..*start + *len], *seed),
         }
     }
 
     /// The verified record view.
     pub(crate) fn view(&self) -> RecordView<'_> {
-        let (bytes, sequence) = self.bytes_and_sequence();
-        match record::parse(bytes, sequence) {
+        let (bytes, seed) = self.bytes_and_seed();
+        match record::parse(bytes, seed) {
             Ok(v) => v,
             // Verified in `read_once`; the bytes are immutable since.
             Err(d) => unreachable!("verified record failed to parse again: {d}"),
@@ -94,10 +94,10 @@ impl Engine {
             let mut bytes = vec![0u8; size];
             mem.buf.read_at(offset as usize, &mut bytes);
             self.inner.counters.memory_reads.fetch_add(1, Ordering::Relaxed);
-            let got = RecordBytes::Memory { bytes, sequence: mem.sequence };
+            let got = RecordBytes::Memory { bytes, seed: mem.seed };
             return Ok(check(got, entry));
         }
-        let sequence = dev.blocks.sequence(block);
+        let seed = dev.blocks.seed(block);
         let align = dev.io.granule() as u64;
         let start = align_down(loc.offset, align);
         let end = align_up(loc.offset + loc.size as u64, align);
@@ -108,15 +108,15 @@ impl Engine {
             .map_err(|e| Error::io(format!("reading {} at {}", dev.label, loc.offset), e))?;
         self.inner.counters.device_reads.fetch_add(1, Ordering::Relaxed);
         self.inner.counters.device_read_bytes.fetch_add(len as u64, Ordering::Relaxed);
-        let got = RecordBytes::Device { buf, start: (loc.offset - start) as usize, len: size, sequence };
+        let got = RecordBytes::Device { buf, start: (loc.offset - start) as usize, len: size, seed };
         Ok(check(got, entry))
     }
 }
 
 /// Verifies bytes against the entry that pointed at them.
 fn check(got: RecordBytes, entry: &Entry) -> Attempt {
-    let (bytes, sequence) = got.bytes_and_sequence();
-    let problem = match record::parse(bytes, sequence) {
+    let (bytes, seed) = got.bytes_and_seed();
+    let problem = match record::parse(bytes, seed) {
         Err(Defect::Checksum) => Some("checksum mismatch".to_string()),
         Err(d) => Some(d.to_string()),
         Ok(view) if view.digest() != entry.digest => Some(format!("found digest {} instead", view.digest())),

@@ -107,6 +107,7 @@ pub fn recover_device(target: &RecoveryTarget<'_>, shared: &RecoveryShared<'_>) 
             });
         }
         target.blocks.set_sequence(*block, h.sequence);
+        target.blocks.set_seed(*block, h.checksum_seed());
         report.max_sequence = report.max_sequence.max(h.sequence);
     }
     report.blocks_with_data = headers.len() as u32;

@@ -60,7 +60,7 @@ pub fn scan_block(
     let mut pos = block_header::BYTES;
     let mut bad_start: Option<usize> = None;
     while pos + record::HEADER_BYTES <= bytes.len() {
-        match record::parse(&bytes[pos..], header.sequence) {
+        match record::parse(&bytes[pos..], header.checksum_seed()) {
             Ok(view) => {
                 if let Some(start) = bad_start.take() {
                     scan.damaged.push((start as u32, pos as u32));

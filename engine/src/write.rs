@@ -20,9 +20,9 @@ use crate::completion::Completion;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::ops::{Applied, Change, Existing};
-use crate::store::meta_of;
 use crate::policy::BinSelection;
 use crate::record::{Record, RecordMeta, RecordVersion, next_generation};
+use crate::store::meta_of;
 use crate::store::{Commit, Expect};
 
 /// How often a write re-decides because the record changed under it.

@@ -62,8 +62,12 @@ const BUFFER_POOL_MAX: usize = 4;
 pub struct MemBlock {
     /// Block index on the device.
     pub index: u32,
-    /// The block's sequence number (seeds its record checksums).
+    /// The block's sequence number.
     pub sequence: u64,
+    /// This incarnation's random nonce (block header).
+    pub nonce: u64,
+    /// The seed of the block's record checksums (`sequence ^ nonce`).
+    pub seed: u64,
     /// The block's bytes (shared with in-flight device writes).
     pub buf: Arc<SharedBuf>,
     /// Bytes `[0, flushed_to)` are on the device.
@@ -168,6 +172,8 @@ pub struct Writer {
     durable: AtomicU64,
     reads: Arc<ReadActivity>,
     poison: Arc<Poison>,
+    /// Random per writer (per engine open): block nonces derive from it.
+    nonce_seed: u64,
     /// Device write counters.
     pub counters: WriterCounters,
 }
@@ -198,6 +204,7 @@ impl Writer {
         mem: Arc<MemBlocks>,
         reads: Arc<ReadActivity>,
         poison: Arc<Poison>,
+        nonce_seed: u64,
     ) -> Writer {
         let durable = write_pos(blocks.next_sequence().saturating_sub(1), u32::MAX);
         blocks.set_durable(stream, durable);
@@ -225,6 +232,7 @@ impl Writer {
             durable: AtomicU64::new(durable),
             reads,
             poison,
+            nonce_seed,
             counters: WriterCounters::default(),
         }
     }
@@ -287,7 +295,7 @@ impl Writer {
             return Err(Error::Shutdown);
         };
         let offset = open.fill as usize;
-        record::seal(record_bytes, open.mem.sequence);
+        record::seal(record_bytes, open.mem.seed);
         // SAFETY: we hold the writer lock and [offset, offset + extent) is at or past the fill
         // mark, so no reader or in-flight device write relies on these bytes yet.
         unsafe {
@@ -370,6 +378,7 @@ impl Writer {
         // checksums are seeded with another block's sequence.
         let mut buf = st.pool.pop().unwrap_or_else(|| AlignedBuf::zeroed(self.geometry.block_bytes as usize));
         let opened_unix_ms = self.clock.now_unix_ms();
+        let nonce = self.nonce_for(sequence);
         let header = block_header::BlockHeader {
             sequence,
             device_set_id: self.geometry.device_set_id,
@@ -378,11 +387,16 @@ impl Writer {
             sealed: false,
             device_index: u32::from(self.geometry.device_index),
             opened_unix_ms,
+            nonce,
         };
+        let seed = block_header::checksum_seed(sequence, nonce);
+        self.blocks.set_seed(block, seed);
         header.encode_into(&mut buf.as_mut_slice()[..block_header::BYTES]);
         let mem = Arc::new(MemBlock {
             index: block,
             sequence,
+            nonce,
+            seed,
             buf: Arc::new(SharedBuf::new(buf)),
             flushed_to: AtomicU32::new(0),
         });
@@ -552,7 +566,7 @@ impl Writer {
     }
 
     /// A copy of the filled part of a block held in memory (open, waiting or cached) with the
-    /// block's sequence and fill, for scanning it: bytes `[0, 64)` (the header, which the flusher
+    /// block's checksum seed and fill, for scanning it: bytes `[0, 64)` (the header, which the flusher
     /// may be rewriting) are zero, and nothing past the fill mark is read.
     pub fn copy_filled(&self, block: u32) -> Option<(Vec<u8>, u64, u32)> {
         let st = self.lock();
@@ -571,7 +585,7 @@ impl Writer {
         if fill > block_header::BYTES {
             mem.buf.read_at(block_header::BYTES, &mut bytes[block_header::BYTES..fill]);
         }
-        Some((bytes, mem.sequence, fill as u32))
+        Some((bytes, mem.seed, fill as u32))
     }
 
     /// Indexes of the blocks this writer holds in memory.
@@ -585,6 +599,15 @@ impl Writer {
             .collect()
     }
 
+    /// A block incarnation's nonce: never 0 (format-1 blocks have 0), different for the same
+    /// sequence in another run of the engine.
+    fn nonce_for(&self, sequence: u64) -> u64 {
+        let mut z = self.nonce_seed ^ sequence.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) | 1
+    }
+
     /// Rewrites the block header in the buffer (flusher only).
     fn write_header(&self, mem: &MemBlock, fill: u32, sealed: bool, opened_unix_ms: u64) {
         let header = block_header::BlockHeader {
@@ -595,6 +618,7 @@ impl Writer {
             sealed,
             device_index: u32::from(self.geometry.device_index),
             opened_unix_ms,
+            nonce: mem.nonce,
         };
         let mut bytes = [0u8; block_header::BYTES];
         header.encode_into(&mut bytes);

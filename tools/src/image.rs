@@ -237,6 +237,6 @@ pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 /// The record at `offset` of a block's bytes, verified.
-pub fn record_at(bytes: &[u8], offset: u32, sequence: u64) -> Option<RecordView<'_>> {
-    record::parse(bytes.get(offset as usize..)?, sequence).ok()
+pub fn record_at(bytes: &[u8], offset: u32, seed: u64) -> Option<RecordView<'_>> {
+    record::parse(bytes.get(offset as usize..)?, seed).ok()
 }

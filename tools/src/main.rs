@@ -175,7 +175,7 @@ fn dump(devices: &[DeviceImage], block: Option<u32>, digest: Option<Digest>, jso
                 }
             });
             for offset in offsets {
-                let Some(v) = record_at(&bytes, offset, info.header.sequence) else { continue };
+                let Some(v) = record_at(&bytes, offset, info.header.checksum_seed()) else { continue };
                 let is_newest = newest.as_ref().map(|n| {
                     n.get(&v.digest()).is_some_and(|c| c.device == d && c.block == info.index && c.offset == offset)
                 });

@@ -1,7 +1,8 @@
 //! The 64-byte header at the start of every used write block. It names the block (device set,
-//! device index, block index) and its sequence number, which orders blocks in time and seeds
-//! every record checksum in the block, so a record left over from an earlier use of the block
-//! fails verification.
+//! device index, block index), its sequence number, which orders blocks in time, and a random
+//! nonce: record checksums in the block are seeded with `sequence ^ nonce`, so a record left
+//! over from an earlier use of the block fails verification — even one whose block was lost in
+//! a crash together with its header, and whose sequence a later incarnation reuses.
 
 use super::{Field, checksum, get_u32, get_u64, put_u16, put_u32, put_u64};
 
@@ -34,8 +35,8 @@ pub const FLAGS: Field = Field::after(FILL_END, "flags", 4);
 pub const DEVICE_INDEX: Field = Field::after(FLAGS, "device_index", 4);
 /// When the block was opened for writing, ms since the Unix epoch.
 pub const OPENED: Field = Field::after(DEVICE_INDEX, "opened_unix_ms", 8);
-/// Zero.
-pub const RESERVED: Field = Field::after(OPENED, "reserved", 8);
+/// Random per block incarnation (0 in format-1 blocks); mixed into the checksum seed.
+pub const NONCE: Field = Field::after(OPENED, "nonce", 8);
 
 /// The fields in order.
 pub const FIELDS: &[Field] = &[
@@ -50,7 +51,7 @@ pub const FIELDS: &[Field] = &[
     FLAGS,
     DEVICE_INDEX,
     OPENED,
-    RESERVED,
+    NONCE,
 ];
 
 /// A decoded write-block header.
@@ -70,14 +71,27 @@ pub struct BlockHeader {
     pub device_index: u32,
     /// When the block was opened.
     pub opened_unix_ms: u64,
+    /// Random per incarnation of the block (0 in format-1 blocks).
+    pub nonce: u64,
+}
+
+/// The seed of the record checksums of a block with `sequence` and `nonce`.
+pub fn checksum_seed(sequence: u64, nonce: u64) -> u64 {
+    sequence ^ nonce
 }
 
 impl BlockHeader {
-    /// A header to scan a block's in-memory copy with (only the sequence, which seeds the
-    /// record checksums, and the fill matter to the scan).
-    pub fn for_scan(sequence: u64, block_index: u32, fill_end: u32) -> BlockHeader {
+    /// The seed of the block's record checksums.
+    pub fn checksum_seed(&self) -> u64 {
+        checksum_seed(self.sequence, self.nonce)
+    }
+
+    /// A header to scan a block's in-memory copy with (only the checksum seed and the fill
+    /// matter to the scan).
+    pub fn for_scan(sequence: u64, nonce: u64, block_index: u32, fill_end: u32) -> BlockHeader {
         BlockHeader {
             sequence,
+            nonce,
             device_set_id: 0,
             block_index,
             fill_end,
@@ -101,6 +115,7 @@ impl BlockHeader {
         put_u32(h, FLAGS, if self.sealed { FLAG_SEALED } else { 0 });
         put_u32(h, DEVICE_INDEX, self.device_index);
         put_u64(h, OPENED, self.opened_unix_ms);
+        put_u64(h, NONCE, self.nonce);
         let sum = checksum(&h[CHECKSUM.end()..], 0);
         put_u64(h, CHECKSUM, sum);
     }
@@ -123,6 +138,7 @@ impl BlockHeader {
             sealed: get_u32(h, FLAGS) & FLAG_SEALED != 0,
             device_index: get_u32(h, DEVICE_INDEX),
             opened_unix_ms: get_u64(h, OPENED),
+            nonce: get_u64(h, NONCE),
         })
     }
 }
@@ -141,6 +157,7 @@ mod tests {
             sealed: true,
             device_index: 0,
             opened_unix_ms: 5,
+            nonce: 0xABCD,
         };
         let mut buf = [0u8; 64];
         h.encode_into(&mut buf);

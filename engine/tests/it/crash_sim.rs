@@ -751,7 +751,6 @@ fn power_cut_after_every_write_loses_no_durable_write_and_resurrects_nothing() {
 /// start reads on into the lost records and they come back. Here a delete that the crash lost,
 /// after recovery had shown the record (durable, never deleted since) for a whole session.
 #[test]
-#[ignore = "engine bug: records of a block lost in a crash come back once its block and sequence are reused"]
 fn records_of_a_block_lost_in_a_crash_stay_lost_after_its_sequence_is_reused() {
     use peregrine_engine::format::DATA_OFFSET_BYTES;
     let (rig, dev) = Rig::new();

@@ -9,6 +9,7 @@ mod crash_sim;
 mod devices;
 mod failpoints;
 mod metadata;
+mod races;
 mod recovery;
 mod replica;
 mod roundtrip;
