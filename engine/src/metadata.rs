@@ -101,6 +101,14 @@ impl Metadata {
         Ok(next)
     }
 
+    /// Undoes [`Metadata::bump_epoch`] after its metadata write failed (the caller holds the
+    /// partition's write lock; nothing else moved the epoch meanwhile if it still reads
+    /// above the durable one by one).
+    pub(crate) fn unbump_epoch(&self, pid: PartitionId) {
+        let durable = self.lock().image.partitions[pid.index()].epoch;
+        let _ = self.epochs[pid.index()].compare_exchange(durable + 1, durable, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
     /// The truncation cutoff that applies to records of set `set_id` (namespace or set, the
     /// later): records last updated at or before it are dead.
     pub(crate) fn cutoff_ms(&self, set_id: u16) -> u64 {
@@ -120,19 +128,46 @@ impl Metadata {
     }
 
     /// Raises the in-memory cutoff of the namespace (`set` = None) or of a set (whose id is
-    /// `set_id` if it has one). Durable only once [`Metadata::persist`] completes.
-    pub(crate) fn raise_cutoff(&self, set: Option<(&[u8], Option<u16>)>, cutoff_ms: u64) {
+    /// `set_id` if it has one). Durable only once [`Metadata::persist`] completes; if that
+    /// fails, [`Metadata::restore_cutoff`] puts back the returned previous value.
+    pub(crate) fn raise_cutoff(&self, set: Option<(&[u8], Option<u16>)>, cutoff_ms: u64) -> u64 {
         let mut st = self.lock(); // ordered against `note_set_id`
         match set {
-            None => {
-                self.namespace_cutoff_ms.fetch_max(cutoff_ms, Ordering::SeqCst);
-            }
+            None => self.namespace_cutoff_ms.fetch_max(cutoff_ms, Ordering::SeqCst),
             Some((name, id)) => {
                 self.any_set_cutoff.store(true, Ordering::SeqCst);
                 let c = st.set_cutoffs.entry(name.to_vec()).or_insert(0);
-                *c = (*c).max(cutoff_ms);
+                let before = *c;
+                *c = before.max(cutoff_ms);
                 if let Some(c) = id.and_then(|id| self.set_cutoff_by_id.get(usize::from(id))) {
                     c.fetch_max(cutoff_ms, Ordering::SeqCst);
+                }
+                before
+            }
+        }
+    }
+
+    /// Undoes a [`Metadata::raise_cutoff`] whose metadata write failed: the truncation did not
+    /// happen, so the records it hid read again (as they would after a restart).
+    pub(crate) fn restore_cutoff(&self, set: Option<(&[u8], Option<u16>)>, raised_to: u64, before: u64) {
+        let mut st = self.lock();
+        let durable = match set {
+            None => st.image.namespace_cutoff_ms,
+            Some((name, _)) => st.image.set_cutoff(name),
+        };
+        let back = before.max(durable);
+        match set {
+            None => {
+                let _ = self.namespace_cutoff_ms.compare_exchange(raised_to, back, Ordering::SeqCst, Ordering::SeqCst);
+            }
+            Some((name, id)) => {
+                if let Some(c) = st.set_cutoffs.get_mut(name)
+                    && *c == raised_to
+                {
+                    *c = back;
+                    if let Some(a) = id.and_then(|id| self.set_cutoff_by_id.get(usize::from(id))) {
+                        let _ = a.compare_exchange(raised_to, back, Ordering::SeqCst, Ordering::SeqCst);
+                    }
                 }
             }
         }

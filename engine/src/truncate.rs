@@ -31,7 +31,10 @@ impl Engine {
             self.inner.metadata.bump_epoch(pid)?;
             entries
         };
-        self.inner.metadata.persist_epochs().await.unwrap_or(Err(Error::Shutdown))?;
+        if let Err(e) = self.inner.metadata.persist_epochs().await.unwrap_or(Err(Error::Shutdown)) {
+            self.untruncate_partition(pid, &removed);
+            return Err(e);
+        }
         Ok(self.forget(&removed))
     }
 
@@ -55,7 +58,8 @@ impl Engine {
             return Err(Error::SetName { len: name.len(), max: SET_NAME_BYTES_MAX });
         }
         let meta = &self.inner.metadata;
-        meta.raise_cutoff(set.map(|n| (n, self.inner.sets.lookup(n))), cutoff);
+        let target = set.map(|n| (n, self.inner.sets.lookup(n)));
+        let before = meta.raise_cutoff(target, cutoff);
         let name = set.map(<[u8]>::to_vec);
         let durable = meta.persist(move |img| {
             match name {
@@ -78,7 +82,11 @@ impl Engine {
             }
             Ok(())
         });
-        durable.await.unwrap_or(Err(Error::Shutdown))?;
+        if let Err(e) = durable.await.unwrap_or(Err(Error::Shutdown)) {
+            // Not durable: the truncation did not happen, and the records it hid read again.
+            meta.restore_cutoff(target, cutoff.max(before), before);
+            return Err(e);
+        }
         let mut removed = 0;
         for pid in PartitionId::all() {
             let gone: Vec<Entry> = {
@@ -92,6 +100,21 @@ impl Engine {
             removed += self.forget(&gone);
         }
         Ok(removed)
+    }
+
+    /// Undoes a partition truncation whose metadata write failed, so the session shows what a
+    /// restart would: the removed versions go back where nothing newer was written meanwhile
+    /// (a newer version supersedes its old copy at the next cold start too), and the epoch goes
+    /// back unless another truncation moved it on.
+    fn untruncate_partition(&self, pid: PartitionId, removed: &[Entry]) {
+        let mut table = self.inner.index.write(pid);
+        self.inner.metadata.unbump_epoch(pid);
+        for e in removed {
+            let (current, hint) = table.lookup(&e.digest);
+            if current.is_none() {
+                table.insert_hinted(*e, hint);
+            }
+        }
     }
 
     /// Releases the space of entries a durable truncation removed from the index.

@@ -194,6 +194,17 @@ fn a_failed_metadata_write_fails_only_the_truncation() {
     let r = block_on(e.truncate(Some(b"s"), None));
     assert!(matches!(r, Err(Error::Failed { .. })), "truncate with a failing metadata write: {r:?}");
     assert_eq!(e.stats().devices[0].failure, None, "a metadata write failure failed the data path");
+    // The truncation did not happen: the session shows what a restart shows.
+    assert_eq!(e.get(&digest(7), &BinSelection::All).unwrap().bins, bins(7, 1, 900), "hidden by a failed truncation");
+    let pid = digest(7).partition();
+    dev.arm(At::Write(0), Fault::Error);
+    assert!(block_on(e.truncate_partition(pid)).is_err());
+    assert_eq!(
+        e.get(&digest(7), &BinSelection::All).unwrap().bins,
+        bins(7, 1, 900),
+        "hidden by a failed partition truncation"
+    );
+    assert_eq!(e.partition_epoch(pid), 0);
     durable_put(&e, 400, 2, 100).unwrap();
     assert_eq!(e.get(&digest(400), &BinSelection::All).unwrap().bins, bins(400, 2, 100));
     e.close().unwrap();

@@ -30,7 +30,7 @@ fn put(e: &Engine, k: i64, v: u64) {
 /// after the value was made durable finds both.
 #[test]
 fn partition_values_are_durable_after_the_writes_before_them() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let mut cfg = config(dir.path(), IoBackendChoice::Simulated, 16 << 20);
     cfg.writer.flush_interval_ms = 0;
     let e = Engine::open(cfg.clone()).unwrap();
@@ -54,7 +54,7 @@ fn partition_values_are_durable_after_the_writes_before_them() {
 #[test]
 fn truncating_a_partition_removes_it_all_and_keeps_later_writes() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let cfg = config(dir.path(), backend, 16 << 20);
         let e = Engine::open(cfg.clone()).unwrap();
         let pid = digest(0).partition();
@@ -92,7 +92,7 @@ fn truncating_a_partition_removes_it_all_and_keeps_later_writes() {
 /// Records defrag moved before the truncation carry the old epoch and stay dead.
 #[test]
 fn truncated_records_that_defrag_moved_never_come_back() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let mut cfg = config(dir.path(), IoBackendChoice::Uring, (1 << 20) + 24 * u64::from(TEST_BLOCK_BYTES));
     cfg.defrag_sleep_us = 0;
     let e = Engine::open(cfg.clone()).unwrap();
@@ -128,7 +128,7 @@ fn truncated_records_that_defrag_moved_never_come_back() {
 #[test]
 fn truncating_a_set_or_the_namespace_by_last_update_time() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let clock = Arc::new(ManualClock::new(T0));
         let cfg = config_with_clock(dir.path(), backend, 16 << 20, clock.clone());
         let e = Engine::open(cfg.clone()).unwrap();
@@ -177,7 +177,7 @@ fn truncating_a_set_or_the_namespace_by_last_update_time() {
 /// to format 2 in place) and reads back every record as it was written.
 #[test]
 fn format_1_fixture_opens_upgrades_and_reads_back() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let path = dir.path().join("v1.dat");
     std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/format-v1.dat"), &path).unwrap();
     let header = |p: &std::path::Path| {

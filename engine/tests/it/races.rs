@@ -12,7 +12,7 @@ use crate::common::*;
 /// copy: a record appended while the flush is in flight is not in what the device receives.
 #[test]
 fn a_flush_never_hands_the_device_bytes_past_the_fill_mark() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let mut cfg = config(dir.path(), IoBackendChoice::Simulated, 16 << 20);
     cfg.writer.flush_interval_ms = 0; // flushes only when asked
     let e = Engine::open(cfg).unwrap();

@@ -48,7 +48,7 @@ const T0: u64 = 1_800_000_000_000;
 #[test]
 fn prepare_then_apply_is_what_modify_does() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let clock = Arc::new(ManualClock::new(T0));
         let e = Engine::open(config_with_clock(dir.path(), backend, 16 << 20, clock.clone())).unwrap();
         let put = |existing: Option<peregrine_engine::Existing<'_>>| {
@@ -97,7 +97,7 @@ fn prepare_then_apply_is_what_modify_does() {
 #[test]
 fn replica_apply_is_monotonic_and_replaying_it_changes_nothing() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let cfg = config(dir.path(), backend, 16 << 20);
         let e = Engine::open(cfg.clone()).unwrap();
         let log = vec![live(1, 1, 1, T0), live(2, 1, 1, T0 + 1), live(1, 2, 2, T0 + 2), tombstone(2, 2, T0 + 3)];
@@ -128,7 +128,7 @@ fn replica_apply_is_monotonic_and_replaying_it_changes_nothing() {
 #[test]
 fn invalid_replicated_versions_are_refused_before_any_byte_is_appended() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let e = Engine::open(config(dir.path(), backend, 16 << 20)).unwrap();
         let RecordVersion::Live(mut bad_int) = live(3, 1, 1, T0) else { unreachable!() };
         bad_int.bins[0].value = Value::Other { particle_type: 1, bytes: vec![1, 2, 3] };
@@ -147,7 +147,7 @@ fn invalid_replicated_versions_are_refused_before_any_byte_is_appended() {
 /// what a `Durability::Device` apply or a barrier covered survives a power cut.
 #[test]
 fn durability_per_call_and_the_barrier_survive_a_power_cut() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let mut cfg = config(dir.path(), IoBackendChoice::Simulated, 16 << 20);
     cfg.writer.flush_interval_ms = 0; // nothing reaches the device unless asked
     assert!(!cfg.commit_to_device);
@@ -175,7 +175,7 @@ fn durability_per_call_and_the_barrier_survive_a_power_cut() {
 #[test]
 fn replicas_write_below_stop_writes_and_refuse_loudly_when_truly_full() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let mut cfg = config(dir.path(), backend, (1 << 20) + 40 * u64::from(TEST_BLOCK_BYTES));
         cfg.stop_writes_avail_pct = 25;
         cfg.defrag_wait_ms = 50;
@@ -224,7 +224,7 @@ fn replicas_write_below_stop_writes_and_refuse_loudly_when_truly_full() {
 #[test]
 fn snapshot_cursor_streams_a_partition_in_digest_order_with_tombstones_and_resumes() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let e = Engine::open(config(dir.path(), backend, 64 << 20)).unwrap();
         let pid = digest(0).partition();
         let mine: Vec<i64> = (0..400_000).filter(|k| digest(*k).partition() == pid).take(60).collect();
@@ -266,7 +266,7 @@ fn snapshot_cursor_streams_a_partition_in_digest_order_with_tombstones_and_resum
 #[test]
 fn external_maintenance_hands_candidates_to_the_caller_and_writes_nothing() {
     for backend in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let clock = Arc::new(ManualClock::new((CITRUSLEAF_EPOCH_UNIX_S + 1_000_000) * 1000));
         let mut cfg = config_with_clock(dir.path(), backend, 16 << 20, clock.clone());
         cfg.maintenance = MaintenanceMode::External;
@@ -312,7 +312,7 @@ fn external_maintenance_hands_candidates_to_the_caller_and_writes_nothing() {
 /// against a device nobody flushed.
 #[test]
 fn a_dying_flusher_poisons_the_engine_and_close_returns() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let cfg = config(dir.path(), IoBackendChoice::Simulated, 16 << 20);
     let e = Engine::open(cfg).unwrap();
     e.put(&digest(1), b"s", None, bins(1, 0, 100), &WritePolicy::default()).unwrap();
@@ -335,7 +335,7 @@ fn a_dying_flusher_poisons_the_engine_and_close_returns() {
 /// copies carried, so more than 4095 names over a device's history failed the open.
 #[test]
 fn set_names_beyond_the_id_space_over_history_still_open() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let cfg = config(dir.path(), IoBackendChoice::Uring, 64 << 20);
     let d = |k: i64| Digest::of_key(b"x", peregrine_engine::KeyRef::Int(k));
     let e = Engine::open(cfg.clone()).unwrap();
