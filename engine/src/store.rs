@@ -174,7 +174,11 @@ impl Store {
         codec::stamp_epoch(bytes, self.metadata.epoch(pid));
         let appended = match dev.writer.append(bytes, durable, purpose) {
             Ok(a) => a,
-            Err(e @ Error::DeviceOverload(_)) if dev.blocks.space_is_reclaimable() => {
+            // Out of free blocks while defrag reclaims dead space (not a full write queue,
+            // which fails fast): wait for a block outside the partition lock.
+            Err(e @ Error::DeviceOverload(_))
+                if !dev.blocks.can_allocate(purpose) && dev.blocks.space_is_reclaimable() =>
+            {
                 drop(table);
                 tracing::trace!(error = %e, "waiting for defrag to free a block");
                 return Ok(Commit::NeedSpace(dev.blocks.space_wait(purpose)));
