@@ -382,6 +382,15 @@ fn write_queue_limit_fails_fast() {
         let mut cfg = small(dir.path(), backend, 64 << 20);
         cfg.writer.max_write_queue_bytes = u64::from(TEST_BLOCK_BYTES);
         let e = Engine::open(cfg).unwrap();
+        // Dead space defrag could reclaim: a refusal for a full queue must not wait for it.
+        for round in 0..2 {
+            for k in 0..20 {
+                if round == 0 || k % 2 == 0 {
+                    e.put(&digest(-k - 1), b"s", None, bins(k, round, 60_000), &WritePolicy::default()).unwrap();
+                }
+            }
+            e.flush().unwrap();
+        }
         let overloads = std::sync::atomic::AtomicU64::new(0);
         let slowest_refusal_us = std::sync::atomic::AtomicU64::new(0);
         let deepest_queue = std::sync::atomic::AtomicU64::new(0);
