@@ -28,7 +28,8 @@ fn open_embedded(args: &RunArgs, format: bool) -> Result<Target, String> {
     config.commit_to_device = args.commit_to_device;
     config.writer.write_chunk_bytes = u32::try_from(args.write_chunk).map_err(|_| "--write-chunk too large")?;
     config.writer.write_queue_depth = args.write_depth;
-    config.writer.bulk_write_chunk_bytes = u32::try_from(args.bulk_write_chunk).map_err(|_| "--bulk-write-chunk too large")?;
+    config.writer.bulk_write_chunk_bytes =
+        u32::try_from(args.bulk_write_chunk).map_err(|_| "--bulk-write-chunk too large")?;
     config.writer.bulk_write_queue_depth = args.bulk_write_depth;
     config.writer.post_write_cache_bytes = args.post_write_cache;
     config.format_foreign_devices = format;
