@@ -1,0 +1,516 @@
+//! The engine as the state machine of one partition group: [`PartitionStateMachine`]
+//! implements openraft's `RaftStateMachine` for one (namespace engine, partition).
+//!
+//! **Apply.** A normal entry's [`Command`] is applied with the engine's monotonic replica apply
+//! (`apply_versions_async`, `Durability::Buffered`: the shared log's fsync is the durability
+//! point, and replaying entries after a crash skips what the engine kept as stale). Blank and
+//! membership entries only move the applied id (and the membership). Every responder is
+//! answered right after its entry.
+//!
+//! **What is persisted, and where.**
+//! - The applied log id lives in the engine's per-partition value (27 bytes at most):
+//!   `[1, term u64 LE, index u64 LE]` (17 bytes), or `[2]` while a snapshot install is under
+//!   way, or empty (nothing applied). `set_partition_values` makes it durable only after a
+//!   barrier, so it never claims versions a crash could take back. It is written every
+//!   `persist_every` applied entries, before a snapshot is reported, after an install, and on
+//!   [`PartitionStateMachine::persist`] (call it at shutdown).
+//! - The last applied membership (too big for 27 bytes) and the meta of the last built or
+//!   installed snapshot live in a small side file per group, `membership-<pid>.bin` in the
+//!   directory given to [`PartitionStateMachine::open`] (postcard with an xxh3 checksum,
+//!   written atomically: tmp + fsync + rename + fsync of the directory). It is rewritten only
+//!   when either changed, *after* the applied id: the file never names a membership or
+//!   snapshot beyond the durable applied id.
+//! - At open, `applied_state` reports exactly what is durable. Entries between the durable
+//!   applied id and the committed id are re-applied by openraft from the log (stale versions
+//!   skipped), which also replays any membership entry the file missed.
+//!
+//! **Purge is bounded by the durable applied id.** openraft purges only up to the last
+//! snapshot's `last_log_id` (and `max_in_snapshot_log_to_keep` behind it). Both
+//! `build_snapshot` and `install_snapshot` make the applied id *and* the side file durable
+//! before returning the meta, so every purge point is at or below a durable applied id whose
+//! membership is durable too, and the log always holds `(durable applied, last log]`.
+//!
+//! **Snapshots are partition streams.** [`PartitionSnapshot`] is a handle (source engine,
+//! partition) that the receiver reads with the engine's snapshot cursor in bounded batches; in
+//! this crate's in-process tests the handle is the source node's engine itself (a network
+//! transport would stream the same batches). The stream reads the *live* partition, so it may
+//! hold versions newer than `meta.last_log_id`; that is sound because the receiver then
+//! replays the log after `last_log_id` with the monotonic apply, which skips them as stale.
+//! Install = mark the partition value "installing", `truncate_partition`, apply every batch,
+//! write the side file, then the applied id (after the barrier). A crash during an install
+//! leaves the "installing" mark and [`PartitionStateMachine::open`] refuses the group rather
+//! than report contents it does not have (recovering such a replica needs a fresh snapshot
+//! from a peer: not built yet).
+
+use std::fmt;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use peregrine_engine::snapshot::SNAPSHOT_BATCH_RECORDS_DEFAULT;
+use peregrine_engine::{Durability, Engine, PartitionId, RecordVersion, SnapshotCursor};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::types::{LogId, Outcome, Response, SnapshotMeta, StoredMembership, TypeConfig};
+
+/// A snapshot of a partition group as openraft hands it around.
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, PartitionSnapshot>;
+
+/// Default number of applied entries between two persists of the applied id.
+pub const PERSIST_EVERY_DEFAULT: u64 = 1024;
+
+const VALUE_APPLIED: u8 = 1;
+const VALUE_INSTALLING: u8 = 2;
+const SIDE_FILE_MAGIC: u32 = 0x5052_534d; // "PRSM"
+
+/// Tunables of a partition state machine.
+#[derive(Clone, Copy, Debug)]
+pub struct SmOptions {
+    /// Persist the applied id after this many applied entries (at least 1).
+    pub persist_every: u64,
+    /// Versions per snapshot batch.
+    pub snapshot_batch_records: usize,
+}
+
+impl Default for SmOptions {
+    fn default() -> SmOptions {
+        SmOptions { persist_every: PERSIST_EVERY_DEFAULT, snapshot_batch_records: SNAPSHOT_BATCH_RECORDS_DEFAULT }
+    }
+}
+
+/// Identity of a state machine instance, so an install can tell its own data from a peer's.
+static NEXT_SOURCE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The data of a partition snapshot: a handle the receiver streams the partition from.
+#[derive(Clone)]
+pub struct PartitionSnapshot {
+    /// The partition.
+    pub partition: PartitionId,
+    source: Engine,
+    source_id: u64,
+    batch_records: usize,
+}
+
+impl fmt::Debug for PartitionSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PartitionSnapshot")
+            .field("partition", &self.partition.get())
+            .field("source_id", &self.source_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartitionSnapshot {
+    /// A stream over the partition, in bounded batches.
+    pub fn stream(&self) -> SnapshotStream {
+        SnapshotStream { source: self.source.clone(), cursor: SnapshotCursor::new(self.partition, self.batch_records) }
+    }
+}
+
+/// Reads a partition snapshot batch by batch (bounded memory, resumable from the cursor).
+pub struct SnapshotStream {
+    source: Engine,
+    cursor: SnapshotCursor,
+}
+
+impl fmt::Debug for SnapshotStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SnapshotStream").field("cursor", &self.cursor).finish_non_exhaustive()
+    }
+}
+
+impl SnapshotStream {
+    /// The next batch, `None` at the end.
+    pub async fn next_batch(&mut self) -> io::Result<Option<Vec<RecordVersion>>> {
+        self.source.snapshot_next(&mut self.cursor).await.map_err(engine_err("reading a snapshot batch"))
+    }
+}
+
+/// What the side file holds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct SideState {
+    membership: StoredMembership,
+    snapshot: Option<SnapshotMeta>,
+}
+
+struct State {
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    snapshot: Option<SnapshotMeta>,
+    /// The applied id last made durable in the engine.
+    durable_applied: Option<LogId>,
+    /// What the side file holds.
+    file: SideState,
+    /// Entries applied since the last persist.
+    since_persist: u64,
+}
+
+struct Shared {
+    engine: Engine,
+    pid: PartitionId,
+    side_path: PathBuf,
+    source_id: u64,
+    options: SmOptions,
+    state: Mutex<State>,
+}
+
+/// The state machine of one partition group on one node (cheap to clone: clones share it, so
+/// the caller keeps one to read or persist while openraft owns another).
+#[derive(Clone)]
+pub struct PartitionStateMachine {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for PartitionStateMachine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PartitionStateMachine")
+            .field("partition", &self.shared.pid.get())
+            .field("side_path", &self.shared.side_path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn engine_err(what: &'static str) -> impl Fn(peregrine_engine::Error) -> io::Error {
+    move |e| io::Error::other(format!("{what}: {e}"))
+}
+
+fn invalid_data(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+fn encode_applied(applied: Option<LogId>) -> Vec<u8> {
+    match applied {
+        None => Vec::new(),
+        Some(id) => {
+            let mut v = Vec::with_capacity(17);
+            v.push(VALUE_APPLIED);
+            v.extend_from_slice(&id.leader_id.term.to_le_bytes());
+            v.extend_from_slice(&id.index.to_le_bytes());
+            v
+        }
+    }
+}
+
+fn decode_applied(pid: PartitionId, v: &[u8]) -> io::Result<Option<LogId>> {
+    let u64_at = |at: usize| -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&v[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    match v {
+        [] => Ok(None),
+        [VALUE_APPLIED, rest @ ..] if rest.len() == 16 => Ok(Some(LogId::new_term_index(u64_at(1), u64_at(9)))),
+        [VALUE_INSTALLING] => Err(io::Error::other(format!(
+            "partition {}: a snapshot install was interrupted; its contents are incomplete and the \
+             replica must be rebuilt from a peer's snapshot",
+            pid.get()
+        ))),
+        _ => Err(invalid_data(format!("partition {}: unrecognised applied-id value {v:02x?}", pid.get()))),
+    }
+}
+
+fn side_path(dir: &Path, pid: PartitionId) -> PathBuf {
+    dir.join(format!("membership-{}.bin", pid.get()))
+}
+
+fn read_side_file(path: &Path) -> io::Result<SideState> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(SideState::default()),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("reading {}: {e}", path.display()))),
+    };
+    let bad = |why: &str| invalid_data(format!("{}: {why}", path.display()));
+    if bytes.len() < 12 {
+        return Err(bad("too short"));
+    }
+    let (head, body) = bytes.split_at(12);
+    let mut m = [0u8; 4];
+    m.copy_from_slice(&head[..4]);
+    let mut c = [0u8; 8];
+    c.copy_from_slice(&head[4..12]);
+    if u32::from_le_bytes(m) != SIDE_FILE_MAGIC {
+        return Err(bad("bad magic"));
+    }
+    if u64::from_le_bytes(c) != xxhash_rust::xxh3::xxh3_64(body) {
+        return Err(bad("checksum mismatch"));
+    }
+    postcard::from_bytes(body).map_err(|e| bad(&format!("decoding: {e}")))
+}
+
+/// Writes the side file atomically: tmp file, fsync, rename, fsync of the directory.
+fn write_side_file(path: &Path, state: &SideState) -> io::Result<()> {
+    let body = postcard::to_allocvec(state).map_err(|e| invalid_data(format!("encoding the side file: {e}")))?;
+    let mut bytes = Vec::with_capacity(12 + body.len());
+    bytes.extend_from_slice(&SIDE_FILE_MAGIC.to_le_bytes());
+    bytes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    let tmp = path.with_extension("tmp");
+    let ctx = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{what} {}: {e}", tmp.display()));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| ctx("creating", e))?;
+        f.write_all(&bytes).map_err(|e| ctx("writing", e))?;
+        f.sync_all().map_err(|e| ctx("syncing", e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| ctx("renaming", e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| ctx("syncing the directory of", e))?;
+    }
+    Ok(())
+}
+
+impl PartitionStateMachine {
+    /// Opens the state machine of partition `pid` on `engine`, with its side file in `dir`
+    /// (created if missing). Reports exactly what is durable: the applied id from the engine's
+    /// partition value, the membership and snapshot meta from the side file.
+    pub fn open(engine: Engine, pid: PartitionId, dir: &Path, options: SmOptions) -> io::Result<PartitionStateMachine> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
+        let applied = decode_applied(pid, &engine.partition_value(pid))?;
+        let path = side_path(dir, pid);
+        let file = read_side_file(&path)?;
+        if file.membership.log_id().as_ref() > applied.as_ref() {
+            return Err(invalid_data(format!(
+                "partition {}: the side file's membership is beyond the durable applied id",
+                pid.get()
+            )));
+        }
+        if file.snapshot.as_ref().and_then(|s| s.last_log_id.as_ref()) > applied.as_ref() {
+            return Err(invalid_data(format!(
+                "partition {}: the side file's snapshot is beyond the durable applied id",
+                pid.get()
+            )));
+        }
+        let state = State {
+            applied,
+            membership: file.membership.clone(),
+            snapshot: file.snapshot.clone(),
+            durable_applied: applied,
+            file,
+            since_persist: 0,
+        };
+        let options = SmOptions { persist_every: options.persist_every.max(1), ..options };
+        Ok(PartitionStateMachine {
+            shared: Arc::new(Shared {
+                engine,
+                pid,
+                side_path: path,
+                source_id: NEXT_SOURCE_ID.fetch_add(1, Ordering::Relaxed),
+                options,
+                state: Mutex::new(state),
+            }),
+        })
+    }
+
+    /// The partition.
+    pub fn partition(&self) -> PartitionId {
+        self.shared.pid
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.shared.engine
+    }
+
+    /// The applied id in memory and the one last made durable.
+    pub async fn applied_ids(&self) -> (Option<LogId>, Option<LogId>) {
+        let st = self.shared.state.lock().await;
+        (st.applied, st.durable_applied)
+    }
+
+    /// Makes the applied id (after a barrier) and the membership durable now.
+    pub async fn persist(&self) -> io::Result<()> {
+        let mut st = self.shared.state.lock().await;
+        self.persist_locked(&mut st).await
+    }
+
+    /// The applied id first (the engine barriers before it), then the side file if it changed:
+    /// the file never names anything beyond the durable applied id.
+    async fn persist_locked(&self, st: &mut State) -> io::Result<()> {
+        let s = &self.shared;
+        if st.durable_applied != st.applied {
+            s.engine
+                .set_partition_values(vec![(s.pid, encode_applied(st.applied))])
+                .await
+                .map_err(engine_err("persisting the applied id"))?;
+            st.durable_applied = st.applied;
+        }
+        st.since_persist = 0;
+        let want = SideState { membership: st.membership.clone(), snapshot: st.snapshot.clone() };
+        if want != st.file {
+            write_side_file(&s.side_path, &want)?;
+            st.file = want;
+        }
+        Ok(())
+    }
+
+    fn snapshot_of(&self, meta: SnapshotMeta) -> Snapshot {
+        Snapshot {
+            meta,
+            snapshot: PartitionSnapshot {
+                partition: self.shared.pid,
+                source: self.shared.engine.clone(),
+                source_id: self.shared.source_id,
+                batch_records: self.shared.options.snapshot_batch_records,
+            },
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
+    type SnapshotData = PartitionSnapshot;
+
+    /// Reports the current applied id and membership, made durable first (so openraft's purge,
+    /// bounded by this snapshot, never passes the durable applied id).
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let mut st = self.shared.state.lock().await;
+        let meta = SnapshotMeta { last_log_id: st.applied, last_membership: st.membership.clone() };
+        st.snapshot = Some(meta.clone());
+        self.persist_locked(&mut st).await?;
+        Ok(self.snapshot_of(meta))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
+    type SnapshotData = PartitionSnapshot;
+    type SnapshotBuilder = PartitionStateMachine;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let st = self.shared.state.lock().await;
+        Ok((st.applied, st.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
+        let mut st = self.shared.state.lock().await;
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let response = match entry.payload {
+                EntryPayload::Blank => Response::default(),
+                EntryPayload::Normal(cmd) => {
+                    let versions = cmd.to_versions()?;
+                    let outcomes = self
+                        .shared
+                        .engine
+                        .apply_versions_async(&versions, Durability::Buffered)
+                        .await
+                        .map_err(engine_err("applying a log entry"))?;
+                    Response { outcomes: outcomes.into_iter().map(Outcome::from).collect() }
+                }
+                EntryPayload::Membership(m) => {
+                    st.membership = StoredMembership::new(Some(entry.log_id), m);
+                    Response::default()
+                }
+            };
+            st.applied = Some(entry.log_id);
+            st.since_persist += 1;
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        if st.since_persist >= self.shared.options.persist_every {
+            self.persist_locked(&mut st).await?;
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: PartitionSnapshot) -> io::Result<()> {
+        let s = &self.shared;
+        if snapshot.partition != s.pid {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a snapshot of partition {} offered to partition {}", snapshot.partition.get(), s.pid.get()),
+            ));
+        }
+        if snapshot.source_id == s.source_id {
+            // openraft offers the current snapshot back only when it is newer than the applied
+            // id, which persist's ordering rules out; installing from oneself would wipe it.
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a partition cannot install its own snapshot"));
+        }
+        let mut st = s.state.lock().await;
+        s.engine
+            .set_partition_values(vec![(s.pid, vec![VALUE_INSTALLING])])
+            .await
+            .map_err(engine_err("marking a snapshot install"))?;
+        st.durable_applied = None; // the mark: nothing is durable until the install completes
+        s.engine.truncate_partition(s.pid).await.map_err(engine_err("truncating the partition"))?;
+        let mut stream = snapshot.stream();
+        while let Some(batch) = stream.next_batch().await? {
+            s.engine
+                .apply_versions_async(&batch, Durability::Buffered)
+                .await
+                .map_err(engine_err("applying a snapshot batch"))?;
+        }
+        st.applied = meta.last_log_id;
+        st.membership = meta.last_membership.clone();
+        st.snapshot = Some(meta.clone());
+        // Side file first (its membership is the snapshot's, not in the local log), then the
+        // applied id, which replaces the install mark after the barrier.
+        let want = SideState { membership: st.membership.clone(), snapshot: st.snapshot.clone() };
+        write_side_file(&s.side_path, &want)?;
+        st.file = want;
+        s.engine
+            .set_partition_values(vec![(s.pid, encode_applied(st.applied))])
+            .await
+            .map_err(engine_err("persisting the installed applied id"))?;
+        st.durable_applied = st.applied;
+        st.since_persist = 0;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
+        let st = self.shared.state.lock().await;
+        Ok(st.snapshot.clone().map(|meta| self.snapshot_of(meta)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn applied_ids_fit_the_partition_value_and_round_trip() {
+        let pid = PartitionId::new(7).unwrap();
+        for id in [None, Some(LogId::new_term_index(0, 0)), Some(LogId::new_term_index(u64::MAX, u64::MAX - 1))] {
+            let v = encode_applied(id);
+            assert!(v.len() <= 27);
+            assert_eq!(decode_applied(pid, &v).unwrap(), id);
+        }
+        assert!(decode_applied(pid, &[VALUE_INSTALLING]).is_err());
+        assert!(decode_applied(pid, &[VALUE_APPLIED, 1, 2]).is_err());
+    }
+
+    #[test]
+    fn the_side_file_round_trips_and_detects_damage() {
+        let dir = tempfile::Builder::new().prefix("peregrine-sm-").tempdir_in("/var/tmp").unwrap();
+        let path = side_path(dir.path(), PartitionId::new(3).unwrap());
+        assert_eq!(read_side_file(&path).unwrap(), SideState::default());
+        let m = openraft::Membership::new_with_defaults(vec![[1u64, 2, 3].into_iter().collect()], []);
+        let state = SideState {
+            membership: StoredMembership::new(Some(LogId::new_term_index(2, 5)), m.clone()),
+            snapshot: Some(SnapshotMeta {
+                last_log_id: Some(LogId::new_term_index(2, 9)),
+                last_membership: StoredMembership::new(Some(LogId::new_term_index(2, 5)), m),
+            }),
+        };
+        write_side_file(&path, &state).unwrap();
+        assert_eq!(read_side_file(&path).unwrap(), state);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(read_side_file(&path).is_err());
+    }
+}
