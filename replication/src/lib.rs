@@ -13,4 +13,6 @@ pub mod state_machine;
 pub mod types;
 
 #[cfg(test)]
+mod cluster_tests;
+#[cfg(test)]
 mod sm_tests;

@@ -54,3 +54,154 @@ impl StoreBuilder<TypeConfig, GroupLog<TypeConfig>, PartitionStateMachine, Guard
 async fn suite_on_the_shared_log_and_the_engine_state_machine() {
     Suite::test_all(EngineStoreBuilder).await.unwrap();
 }
+
+// ---------------------------------------------------------------- restart and install
+
+use openraft::entry::RaftEntry;
+use openraft::storage::RaftStateMachine;
+use openraft::{Membership, RaftSnapshotBuilder};
+use peregrine_engine::{Bin, Digest, Record, RecordMeta, RecordVersion, Value};
+
+use crate::types::{Command, Entry, LogId, StoredMembership};
+
+const T0: u64 = 1_800_000_000_000;
+
+fn pid5() -> PartitionId {
+    PartitionId::new(5).unwrap()
+}
+
+fn version(k: u8, lut: u64, tag: &str) -> RecordVersion {
+    let mut d = [0u8; 20];
+    d[0] = 5; // partition 5
+    d[3] = k;
+    RecordVersion::Live(Record {
+        digest: Digest(d),
+        set_name: b"s".to_vec(),
+        key: None,
+        meta: RecordMeta { generation: 1, void_time: 0, last_update_ms: T0 + lut },
+        bins: vec![Bin::new("v", Value::String(tag.as_bytes().to_vec())).unwrap()],
+    })
+}
+
+fn lid(term: u64, index: u64) -> LogId {
+    LogId::new_term_index(term, index)
+}
+
+fn normal(index: u64, versions: &[RecordVersion]) -> Entry {
+    Entry::new_normal(lid(1, index), Command::from_versions(versions))
+}
+
+fn voters() -> Membership<u64, openraft::BasicNode> {
+    Membership::new_with_defaults(vec![[1u64, 2, 3].into_iter().collect()], [])
+}
+
+async fn apply(sm: &mut PartitionStateMachine, entries: Vec<Entry>) {
+    let items = entries.into_iter().map(|e| Ok((e, None)));
+    sm.apply(futures_util::stream::iter(items)).await.unwrap();
+}
+
+fn open_sm(dir: &Path, persist_every: u64) -> (Engine, PartitionStateMachine) {
+    let engine = Engine::open(engine_config(dir)).unwrap();
+    let opts = SmOptions { persist_every, ..SmOptions::default() };
+    let sm = PartitionStateMachine::open(engine.clone(), pid5(), &dir.join("sm"), opts).unwrap();
+    (engine, sm)
+}
+
+fn close(engine: Engine, sm: PartitionStateMachine) {
+    drop(sm);
+    engine.close().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reports_only_the_durable_applied_id_and_membership() {
+    let dir = tempdir();
+    let entries = vec![
+        Entry::new_membership(lid(1, 1), voters()),
+        normal(2, &[version(1, 1, "a"), version(2, 2, "b")]),
+        normal(3, &[version(1, 3, "a2")]),
+    ];
+    let (engine, mut sm) = open_sm(dir.path(), 1000);
+    apply(&mut sm, entries.clone()).await;
+    let (applied, membership) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(lid(1, 3)));
+    assert_eq!(membership, StoredMembership::new(Some(lid(1, 1)), voters()));
+    assert_eq!(sm.applied_ids().await, (Some(lid(1, 3)), None), "below persist_every: nothing persisted yet");
+    let before = engine.partition_versions_async(pid5()).await.unwrap();
+    assert_eq!(before.len(), 2);
+    close(engine, sm);
+
+    // Nothing was persisted: the restarted state machine says so, and openraft's re-apply of
+    // the same entries changes nothing (stale versions are skipped).
+    let (engine, mut sm) = open_sm(dir.path(), 1000);
+    assert_eq!(sm.applied_state().await.unwrap(), (None, StoredMembership::default()));
+    apply(&mut sm, entries).await;
+    assert_eq!(engine.partition_versions_async(pid5()).await.unwrap(), before);
+    sm.persist().await.unwrap();
+    close(engine, sm);
+
+    let (engine, mut sm) = open_sm(dir.path(), 1000);
+    assert_eq!(sm.applied_state().await.unwrap(), (Some(lid(1, 3)), StoredMembership::new(Some(lid(1, 1)), voters())));
+    assert!(sm.get_current_snapshot().await.unwrap().is_none());
+
+    // Building a snapshot makes its applied id durable before reporting it (purge is bounded
+    // by the snapshot, so never passes the durable applied id).
+    apply(&mut sm, vec![normal(4, &[version(3, 4, "c")])]).await;
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(lid(1, 4)));
+    assert_eq!(sm.applied_ids().await, (Some(lid(1, 4)), Some(lid(1, 4))));
+    close(engine, sm);
+    let (engine, mut sm) = open_sm(dir.path(), 1000);
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(lid(1, 4)));
+    assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+
+    // Every `persist_every` entries the applied id is persisted on its own.
+    let (engine, sm) = {
+        close(engine, sm);
+        open_sm(dir.path(), 2)
+    };
+    let mut sm = sm;
+    apply(&mut sm, vec![normal(5, &[version(4, 5, "d")]), normal(6, &[version(4, 6, "d2")])]).await;
+    assert_eq!(sm.applied_ids().await, (Some(lid(1, 6)), Some(lid(1, 6))));
+
+    // An interrupted install is refused at open, not reported as applied.
+    engine.set_partition_values(vec![(pid5(), vec![2])]).await.unwrap();
+    close(engine, sm);
+    let engine = Engine::open(engine_config(dir.path())).unwrap();
+    let err =
+        PartitionStateMachine::open(engine.clone(), pid5(), &dir.path().join("sm"), SmOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("interrupted"), "{err}");
+    engine.close().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_replaces_the_partition_and_survives_a_restart() {
+    let (dir_a, dir_b) = (tempdir(), tempdir());
+    let (engine_a, mut a) = open_sm(dir_a.path(), 1000);
+    apply(
+        &mut a,
+        vec![
+            Entry::new_membership(lid(1, 1), voters()),
+            normal(2, &[version(1, 10, "a"), version(2, 11, "b"), version(3, 12, "c")]),
+        ],
+    )
+    .await;
+    let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+    // B holds other versions of the partition (one newer than A's): install wipes them all.
+    let (engine_b, mut b) = open_sm(dir_b.path(), 1000);
+    apply(&mut b, vec![normal(1, &[version(1, 99, "newer-but-divergent"), version(9, 1, "gone")])]).await;
+    b.install_snapshot(&snap.meta, snap.snapshot.clone()).await.unwrap();
+    let want = engine_a.partition_versions_async(pid5()).await.unwrap();
+    assert_eq!(engine_b.partition_versions_async(pid5()).await.unwrap(), want);
+    assert_eq!(b.applied_state().await.unwrap(), (Some(lid(1, 2)), StoredMembership::new(Some(lid(1, 1)), voters())));
+    assert_eq!(b.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+    // A state machine refuses to install its own snapshot (it would wipe the source).
+    assert!(a.install_snapshot(&snap.meta, snap.snapshot).await.is_err());
+    close(engine_b, b);
+
+    let (engine_b, mut b) = open_sm(dir_b.path(), 1000);
+    assert_eq!(b.applied_state().await.unwrap(), (Some(lid(1, 2)), StoredMembership::new(Some(lid(1, 1)), voters())));
+    assert_eq!(engine_b.partition_versions_async(pid5()).await.unwrap(), want);
+    close(engine_b, b);
+    close(engine_a, a);
+}
