@@ -300,8 +300,15 @@ async fn three_nodes_four_groups_replicate_and_a_restarted_node_catches_up() {
     if purged {
         assert!(m3.snapshot.is_some(), "node 3 caught up group 0 by snapshot");
     }
-    let (applied, durable) = nodes[&3].sms[&1].applied_ids().await;
-    eprintln!("node 3 group 1: applied {applied:?}, durable {durable:?}");
+    // Purge never passed the durable applied id, on any replica.
+    for (id, node) in &nodes {
+        for (g, sm) in &node.sms {
+            let purged = router.get(*id, *g).unwrap().metrics().borrow_watched().purged;
+            let (applied, durable) = sm.applied_ids().await;
+            assert!(purged <= durable, "node {id} group {g}: purged {purged:?} beyond durable {durable:?}");
+            assert!(durable <= applied);
+        }
+    }
 
     for (id, node) in std::mem::take(&mut nodes) {
         stop_node(&router, id, node).await;

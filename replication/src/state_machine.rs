@@ -263,6 +263,14 @@ fn write_side_file(path: &Path, state: &SideState) -> io::Result<()> {
     Ok(())
 }
 
+/// [`write_side_file`] on the blocking pool (it fsyncs twice).
+async fn write_side_file_async(path: &Path, state: &SideState) -> io::Result<()> {
+    let (path, state) = (path.to_path_buf(), state.clone());
+    tokio::task::spawn_blocking(move || write_side_file(&path, &state))
+        .await
+        .map_err(|e| io::Error::other(format!("the side-file writer task failed: {e}")))?
+}
+
 impl PartitionStateMachine {
     /// Opens the state machine of partition `pid` on `engine`, with its side file in `dir`
     /// (created if missing). Reports exactly what is durable: the applied id from the engine's
@@ -342,7 +350,7 @@ impl PartitionStateMachine {
         st.since_persist = 0;
         let want = SideState { membership: st.membership.clone(), snapshot: st.snapshot.clone() };
         if want != st.file {
-            write_side_file(&s.side_path, &want)?;
+            write_side_file_async(&s.side_path, &want).await?;
             st.file = want;
         }
         Ok(())
@@ -457,7 +465,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         // Side file first (its membership is the snapshot's, not in the local log), then the
         // applied id, which replaces the install mark after the barrier.
         let want = SideState { membership: st.membership.clone(), snapshot: st.snapshot.clone() };
-        write_side_file(&s.side_path, &want)?;
+        write_side_file_async(&s.side_path, &want).await?;
         st.file = want;
         s.engine
             .set_partition_values(vec![(s.pid, encode_applied(st.applied))])
