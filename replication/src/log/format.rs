@@ -8,33 +8,8 @@
 
 use std::io;
 
-/// One field of an on-disk structure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Field {
-    /// Name as written in `docs/FORMAT.md`.
-    pub name: &'static str,
-    /// Byte offset from the start of the structure.
-    pub offset: usize,
-    /// Size in bytes.
-    pub size: usize,
-}
-
-impl Field {
-    /// The first field of a structure.
-    pub const fn first(name: &'static str, size: usize) -> Field {
-        Field { name, offset: 0, size }
-    }
-
-    /// The field that follows `prev`.
-    pub const fn after(prev: Field, name: &'static str, size: usize) -> Field {
-        Field { name, offset: prev.offset + prev.size, size }
-    }
-
-    /// Offset just past this field.
-    pub const fn end(&self) -> usize {
-        self.offset + self.size
-    }
-}
+/// One field of an on-disk structure (the engine's: offsets derive from the previous field).
+pub use peregrine_engine::format::Field;
 
 /// Alignment of every segment offset and length (and of every batch).
 pub const ALIGN_BYTES: usize = 4096;
