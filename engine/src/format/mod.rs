@@ -45,42 +45,47 @@ pub const WRITE_BLOCK_BYTES_MIN: u32 = 128 * 1024;
 /// Largest configurable write block.
 pub const WRITE_BLOCK_BYTES_MAX: u32 = 8 * 1024 * 1024;
 
-pub(crate) fn put_u16(buf: &mut [u8], f: Field, v: u16) {
+/// Writes a little-endian u16 into its field.
+pub fn put_u16(buf: &mut [u8], f: Field, v: u16) {
     debug_assert_eq!(f.size, 2, "{}", f.name);
     buf[f.offset..f.end()].copy_from_slice(&v.to_le_bytes());
 }
 
-pub(crate) fn put_u32(buf: &mut [u8], f: Field, v: u32) {
+/// Writes a little-endian u32 into its field.
+pub fn put_u32(buf: &mut [u8], f: Field, v: u32) {
     debug_assert_eq!(f.size, 4, "{}", f.name);
     buf[f.offset..f.end()].copy_from_slice(&v.to_le_bytes());
 }
 
-pub(crate) fn put_u64(buf: &mut [u8], f: Field, v: u64) {
+/// Writes a little-endian u64 into its field.
+pub fn put_u64(buf: &mut [u8], f: Field, v: u64) {
     debug_assert_eq!(f.size, 8, "{}", f.name);
     buf[f.offset..f.end()].copy_from_slice(&v.to_le_bytes());
 }
 
 /// Reads fixed-size little-endian integers; the caller has checked `buf` covers the field.
-pub(crate) fn get_u16(buf: &[u8], f: Field) -> u16 {
+pub fn get_u16(buf: &[u8], f: Field) -> u16 {
     let mut w = [0u8; 2];
     w.copy_from_slice(&buf[f.offset..f.end()]);
     u16::from_le_bytes(w)
 }
 
-pub(crate) fn get_u32(buf: &[u8], f: Field) -> u32 {
+/// Reads a little-endian u32 field; the caller has checked `buf` covers it.
+pub fn get_u32(buf: &[u8], f: Field) -> u32 {
     let mut w = [0u8; 4];
     w.copy_from_slice(&buf[f.offset..f.end()]);
     u32::from_le_bytes(w)
 }
 
-pub(crate) fn get_u64(buf: &[u8], f: Field) -> u64 {
+/// Reads a little-endian u64 field; the caller has checked `buf` covers it.
+pub fn get_u64(buf: &[u8], f: Field) -> u64 {
     let mut w = [0u8; 8];
     w.copy_from_slice(&buf[f.offset..f.end()]);
     u64::from_le_bytes(w)
 }
 
 /// xxh3-64 with a seed.
-pub(crate) fn checksum(bytes: &[u8], seed: u64) -> u64 {
+pub fn checksum(bytes: &[u8], seed: u64) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(bytes, seed)
 }
 

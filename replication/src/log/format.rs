@@ -388,36 +388,11 @@ pub fn parse_items(payload: &[u8], count: u32) -> Result<Vec<RawItem>, String> {
     Ok(out)
 }
 
-// ---------------------------------------------------------------- helpers
+// ---------------------------------------------------------------- helpers (the engine's)
 
-pub(crate) fn put_u32(buf: &mut [u8], f: Field, v: u32) {
-    debug_assert_eq!(f.size, 4, "{}", f.name);
-    buf[f.offset..f.end()].copy_from_slice(&v.to_le_bytes());
-}
-
-pub(crate) fn put_u64(buf: &mut [u8], f: Field, v: u64) {
-    debug_assert_eq!(f.size, 8, "{}", f.name);
-    buf[f.offset..f.end()].copy_from_slice(&v.to_le_bytes());
-}
-
-/// Reads a little-endian u32; the caller has checked `buf` covers the field.
-pub(crate) fn get_u32(buf: &[u8], f: Field) -> u32 {
-    let mut w = [0u8; 4];
-    w.copy_from_slice(&buf[f.offset..f.end()]);
-    u32::from_le_bytes(w)
-}
-
-/// Reads a little-endian u64; the caller has checked `buf` covers the field.
-pub(crate) fn get_u64(buf: &[u8], f: Field) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&buf[f.offset..f.end()]);
-    u64::from_le_bytes(w)
-}
-
-/// xxh3-64 with a seed.
-pub fn checksum(bytes: &[u8], seed: u64) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(bytes, seed)
-}
+/// xxh3-64 with a seed (the engine's).
+pub use peregrine_engine::format::checksum;
+pub(crate) use peregrine_engine::format::{get_u32, get_u64, put_u32, put_u64};
 
 /// An `InvalidData` error with context.
 pub(crate) fn corrupt(msg: impl Into<String>) -> io::Error {
