@@ -21,6 +21,9 @@ use super::index::{Loc, Slot, check_consecutive};
 use super::segment::Segment;
 use super::{Queued, QueuedEntry, SharedLog, Waiter, failed_error};
 
+/// Encoded entry items: (item bytes, per entry (index, offset in the item, length)).
+type EncodedItems = Vec<(Vec<u8>, Vec<(u64, u32, u32)>)>;
+
 /// One group's openraft log storage on a [`SharedLog`] (cheap to clone; clones share state).
 pub struct GroupLog<C: RaftTypeConfig> {
     log: SharedLog<C>,
@@ -108,7 +111,7 @@ where
     /// Encodes a run of entries as Entries items that each fit a batch: (item bytes, and for
     /// each entry its index, the offset of its encoded bytes within the item, and their length).
     #[allow(clippy::type_complexity)]
-    fn encode_entries(&self, entries: &[C::Entry]) -> io::Result<Vec<(Vec<u8>, Vec<(u64, u32, u32)>)>> {
+    fn encode_entries(&self, entries: &[C::Entry]) -> io::Result<EncodedItems> {
         let shared = &self.log.shared;
         let max = shared.options.item_bytes_max();
         // Encode outside the lock; split into items that fit a batch.
@@ -196,22 +199,7 @@ where
                 }
             }
         }
-        let mut waiter = Some(waiter);
-        let n_items = items.len();
-        for (k, (item, recs)) in items.into_iter().enumerate() {
-            let qe = recs
-                .iter()
-                .map(|&(index, rel_offset, len)| QueuedEntry {
-                    index,
-                    append_id: base_id + (index - first),
-                    rel_offset,
-                    len,
-                })
-                .collect();
-            let w = if k + 1 == n_items { waiter.take().unwrap_or(Waiter::None) } else { Waiter::None };
-            st.queue.push_back(Queued { group: self.group, item, kind: ItemKind::Entries, entries: qe, waiter: w });
-        }
-        if let Some(w) = waiter.take() {
+        if let Some(w) = self.queue_entry_items(&mut st.queue, items, base_id, first, waiter) {
             st.queue.push_back(Queued {
                 group: self.group,
                 item: Vec::new(),
@@ -223,6 +211,34 @@ where
         drop(st);
         shared.wake.notify_all();
         Ok(true)
+    }
+
+    /// Queues encoded entry items for the writer; the last carries `waiter`. Returns the waiter
+    /// when there were no items.
+    fn queue_entry_items(
+        &self,
+        queue: &mut std::collections::VecDeque<Queued<C>>,
+        items: EncodedItems,
+        base_id: u64,
+        first: u64,
+        waiter: Waiter<C>,
+    ) -> Option<Waiter<C>> {
+        let n_items = items.len();
+        let mut waiter = Some(waiter);
+        for (k, (item, recs)) in items.into_iter().enumerate() {
+            let entries = recs
+                .iter()
+                .map(|&(index, rel_offset, len)| QueuedEntry {
+                    index,
+                    append_id: base_id + (index - first),
+                    rel_offset,
+                    len,
+                })
+                .collect();
+            let w = if k + 1 == n_items { waiter.take().unwrap_or(Waiter::None) } else { Waiter::None };
+            queue.push_back(Queued { group: self.group, item, kind: ItemKind::Entries, entries, waiter: w });
+        }
+        waiter
     }
 
     /// Appends entries: readable at once, `waiter` completed when durable.
@@ -249,21 +265,8 @@ where
             g.push(Slot { log_id: e.log_id(), append_id: base_id + i as u64, loc: None, cached: Some(e) });
         }
         g.version += 1;
-        let n_items = items.len();
-        let mut waiter = Some(waiter);
-        for (k, (item, recs)) in items.into_iter().enumerate() {
-            let qe = recs
-                .iter()
-                .map(|&(index, rel_offset, len)| QueuedEntry {
-                    index,
-                    append_id: base_id + (index - first),
-                    rel_offset,
-                    len,
-                })
-                .collect();
-            let w = if k + 1 == n_items { waiter.take().unwrap_or(Waiter::None) } else { Waiter::None };
-            st.queue.push_back(Queued { group: self.group, item, kind: ItemKind::Entries, entries: qe, waiter: w });
-        }
+        // An empty item list cannot happen here (entries is not empty), so nothing is left over.
+        let _ = self.queue_entry_items(&mut st.queue, items, base_id, first, waiter);
         drop(st);
         shared.counters.submissions.fetch_add(1, Ordering::Relaxed);
         shared.wake.notify_all();
