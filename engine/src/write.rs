@@ -133,17 +133,19 @@ impl Engine {
                 },
                 _ => None,
             };
-            let set_name = match (&record, &live) {
-                (Some(r), _) => r.set_name.clone(),
-                (None, Some(e)) => self.inner.sets.name(e.set_id),
+            let existing = live.map(|e| Existing { meta: meta_of(&e), record: record.as_ref() });
+            let change = decide(existing)?;
+            // Only a delete needs the live version's set name (its tombstone keeps it).
+            let set_name = match (&change, &record, &live) {
+                (Change::Delete, Some(r), _) => r.set_name.clone(),
+                (Change::Delete, None, Some(e)) => self.inner.sets.name(e.set_id),
                 _ => Vec::new(),
             };
             let current = Current {
-                live: live.map(|e| Existing { meta: meta_of(&e), record: record.as_ref() }),
+                live: existing,
                 set_name: &set_name,
                 newest_lut_ms: raw.map_or(0, |e| e.last_update_ms.max(self.inner.metadata.cutoff_ms(e.set_id))),
             };
-            let change = decide(current.live)?;
             let floor = lut_floor_ms.max(self.truncation_floor(&change));
             let (version, applied) = self.decide(digest, &current, change, floor)?;
             return Ok(Prepared { version, applied, expected: raw });
