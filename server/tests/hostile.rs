@@ -273,15 +273,7 @@ fn logs_to_files_and_pipes_have_no_colour_codes() {
     let server = Server::start(dir.path(), "");
     normal_client_works(server.addr, 1);
     assert!(server.stop().success());
-    let log = std::fs::read(
-        dir.path()
-            .read_dir()
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension().is_some_and(|x| x == "log"))
-            .unwrap(),
-    )
-    .unwrap();
+    let log = std::fs::read(Server::log_file_in(dir.path())).unwrap();
     assert!(String::from_utf8_lossy(&log).contains("marked clean"), "{}", String::from_utf8_lossy(&log));
     assert!(!log.contains(&0x1b), "colour codes in a log file:\n{}", String::from_utf8_lossy(&log));
     // stderr to a pipe.

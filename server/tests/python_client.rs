@@ -46,15 +46,7 @@ fn official_python_client_end_to_end_with_restart() {
     run_phase(&server, "main");
     let status = server.stop();
     assert!(status.success(), "server exited with {status}");
-    let log = std::fs::read_to_string(
-        dir.path()
-            .read_dir()
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.extension().is_some_and(|x| x == "log"))
-            .unwrap(),
-    )
-    .unwrap();
+    let log = std::fs::read_to_string(Server::log_file_in(dir.path())).unwrap();
     assert!(log.contains("marked clean"), "no clean shutdown in the log:\n{log}");
     let mut server = Server::start(dir.path(), "");
     run_phase(&server, "restart");

@@ -58,6 +58,11 @@ impl Server {
         }
     }
 
+    /// The log file a server started in `dir` wrote (readable after it stopped).
+    pub fn log_file_in(dir: &std::path::Path) -> std::path::PathBuf {
+        dir.read_dir().unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|x| x == "log")).unwrap()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
