@@ -8,11 +8,15 @@
 //! (`peregrine_engine::io`), so the same code runs on io_uring, the blocking pool and the
 //! simulated device used by the crash tests.
 
+pub mod hibernate;
+pub mod liveness;
 pub mod log;
 pub mod state_machine;
 pub mod types;
 
 #[cfg(test)]
 mod cluster_tests;
+#[cfg(test)]
+mod hibernate_tests;
 #[cfg(test)]
 mod sm_tests;
