@@ -50,4 +50,4 @@ pub use peregrine_index::{Digest, Entry, KeyRef, PartitionId};
 pub use policy::{BinSelection, GenerationPolicy, RecordExists, Ttl, WritePolicy};
 pub use record::{Bin, BinName, Record, RecordMeta, RecordVersion, StoredKey, Value};
 pub use snapshot::SnapshotCursor;
-pub use write::{ApplyOutcome, Current, Durability, Prepared};
+pub use write::{ApplyOutcome, Current, CurrentRead, Durability, Prepared};

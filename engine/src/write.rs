@@ -51,6 +51,15 @@ pub struct Prepared {
     pub expected: Option<Entry>,
 }
 
+/// What the read half of a prepare saw ([`Engine::read_current_async`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CurrentRead {
+    /// The record's index entry (live, tombstone or expired), if any.
+    pub entry: Option<Entry>,
+    /// The live version's bins, when they were asked for.
+    pub record: Option<Record>,
+}
+
 /// Whether an apply waits for the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
@@ -120,6 +129,15 @@ impl Engine {
     where
         F: FnMut(Option<Existing<'_>>) -> Result<Change>,
     {
+        let read = self.read_current_async(digest, read_existing).await?;
+        self.prepare_over(digest, &read, lut_floor_ms, &mut decide)
+    }
+
+    /// The read half of a prepare: the record's index entry and, when `read_existing` and the
+    /// record is live, its bins. A leader reads here without holding its partition's state,
+    /// then decides with [`Engine::prepare_over`] under it, after checking that
+    /// [`Engine::index`] still holds `read.entry`.
+    pub async fn read_current_async(&self, digest: &Digest, read_existing: bool) -> Result<CurrentRead> {
         self.inner.ensure_open()?;
         for _ in 0..WRITE_ATTEMPTS_MAX {
             let raw = self.inner.index.get(digest);
@@ -133,24 +151,43 @@ impl Engine {
                 },
                 _ => None,
             };
-            let existing = live.map(|e| Existing { meta: meta_of(&e), record: record.as_ref() });
-            let change = decide(existing)?;
-            // Only a delete needs the live version's set name (its tombstone keeps it).
-            let set_name = match (&change, &record, &live) {
-                (Change::Delete, Some(r), _) => r.set_name.clone(),
-                (Change::Delete, None, Some(e)) => self.inner.sets.name(e.set_id),
-                _ => Vec::new(),
-            };
-            let current = Current {
-                live: existing,
-                set_name: &set_name,
-                newest_lut_ms: raw.map_or(0, |e| e.last_update_ms.max(self.inner.metadata.cutoff_ms(e.set_id))),
-            };
-            let floor = lut_floor_ms.max(self.truncation_floor(&change));
-            let (version, applied) = self.decide(digest, &current, change, floor)?;
-            return Ok(Prepared { version, applied, expected: raw });
+            return Ok(CurrentRead { entry: raw, record });
         }
         Err(Error::KeyBusy)
+    }
+
+    /// The decision half of a prepare, without I/O: what `decide` makes of the record as
+    /// `read` saw it. The version's last-update time is above the indexed one and the set's
+    /// truncation cutoff, and at least `lut_floor_ms`.
+    pub fn prepare_over<F>(&self, digest: &Digest, read: &CurrentRead, lut_floor_ms: u64, decide: F) -> Result<Prepared>
+    where
+        F: FnOnce(Option<Existing<'_>>) -> Result<Change>,
+    {
+        let raw = read.entry;
+        let now = self.inner.now_void();
+        let live = raw.filter(|e| self.inner.is_live(e, now));
+        let record = live.and(read.record.as_ref());
+        let existing = live.map(|e| Existing { meta: meta_of(&e), record });
+        let change = decide(existing)?;
+        // Only a delete needs the live version's set name (its tombstone keeps it).
+        let set_name = match (&change, record, &live) {
+            (Change::Delete, Some(r), _) => r.set_name.clone(),
+            (Change::Delete, None, Some(e)) => self.inner.sets.name(e.set_id),
+            _ => Vec::new(),
+        };
+        let current = Current {
+            live: existing,
+            set_name: &set_name,
+            newest_lut_ms: raw.map_or(0, |e| e.last_update_ms.max(self.inner.metadata.cutoff_ms(e.set_id))),
+        };
+        let floor = lut_floor_ms.max(self.truncation_floor(&change));
+        let (version, applied) = self.decide(digest, &current, change, floor)?;
+        Ok(Prepared { version, applied, expected: raw })
+    }
+
+    /// Name of the set with id `set_id` (empty when unknown).
+    pub fn set_name_of(&self, set_id: u16) -> Vec<u8> {
+        self.inner.sets.name(set_id)
     }
 
     /// A new version of a set must be newer than the set's truncation cutoff.

@@ -8,9 +8,13 @@
 //! (`peregrine_engine::io`), so the same code runs on io_uring, the blocking pool and the
 //! simulated device used by the crash tests.
 
+pub mod group;
 pub mod hibernate;
 pub mod liveness;
 pub mod log;
+pub mod loopback;
+pub mod node;
+pub mod placement;
 pub mod state_machine;
 pub mod types;
 
@@ -18,5 +22,7 @@ pub mod types;
 mod cluster_tests;
 #[cfg(test)]
 mod hibernate_tests;
+#[cfg(test)]
+mod node_tests;
 #[cfg(test)]
 mod sm_tests;

@@ -1,0 +1,281 @@
+//! One node's replication runtime for one namespace: its shared Raft log, its engine, and a
+//! partition group ([`Group`]) for every partition the placement gives it, each with its Raft
+//! and its engine state machine. It starts the groups, bootstraps those it is the preferred
+//! leader of, proposes expiry and eviction through the groups it leads, and stops them.
+//!
+//! Timers are slow on purpose ([`RaftTimers`]): thousands of groups share two cores (see
+//! `docs/ARCHITECTURE.md`, "replication"). Safety never depends on them.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::error::{InitializeError, RaftError};
+use openraft::network::NetSnapshot;
+use openraft::network::RaftNetworkFactory;
+use peregrine_engine::{Engine, MaintenanceMode, PartitionId};
+
+use crate::group::{Group, PartitionRaft, WriteError};
+use crate::log::SharedLog;
+use crate::placement::Placement;
+use crate::state_machine::{PartitionSnapshot, PartitionStateMachine, SmOptions};
+use crate::types::TypeConfig;
+
+/// Heartbeat interval of a group's leader, in milliseconds.
+pub const HEARTBEAT_MS_DEFAULT: u64 = 1_000;
+/// Shortest election timeout, in milliseconds (the longest is twice this).
+pub const ELECTION_TIMEOUT_MS_DEFAULT: u64 = 3_000;
+/// How long a full snapshot transfer may take, in milliseconds.
+pub const INSTALL_SNAPSHOT_TIMEOUT_MS_DEFAULT: u64 = 600_000;
+/// Entries a group keeps in its log after a snapshot, for followers slightly behind.
+const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
+/// Entries a group purges at once (a shared log purges logically, so batching is cheap).
+const PURGE_BATCH_ENTRIES: u64 = 256;
+/// Entries appended to a group's log between two snapshots it builds on its own.
+const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
+
+/// Raft timers of every group of a node.
+#[derive(Clone, Copy, Debug)]
+pub struct RaftTimers {
+    /// Leader heartbeat interval, ms.
+    pub heartbeat_ms: u64,
+    /// Shortest election timeout, ms (the longest is twice this).
+    pub election_timeout_ms: u64,
+    /// Full snapshot transfer timeout, ms.
+    pub install_snapshot_timeout_ms: u64,
+}
+
+impl Default for RaftTimers {
+    fn default() -> RaftTimers {
+        RaftTimers {
+            heartbeat_ms: HEARTBEAT_MS_DEFAULT,
+            election_timeout_ms: ELECTION_TIMEOUT_MS_DEFAULT,
+            install_snapshot_timeout_ms: INSTALL_SNAPSHOT_TIMEOUT_MS_DEFAULT,
+        }
+    }
+}
+
+impl RaftTimers {
+    /// The openraft configuration of a group: these timers, textbook leader ids (from the type
+    /// configuration), pre-vote on, leader restore off (our apply is not durable on its own:
+    /// the applied id is persisted lazily), batched purges.
+    pub fn config(&self) -> io::Result<Arc<openraft::Config>> {
+        let c = openraft::Config {
+            cluster_name: "peregrine".to_owned(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_ms,
+            election_timeout_max: self.election_timeout_ms * 2,
+            install_snapshot_timeout: self.install_snapshot_timeout_ms,
+            enable_pre_vote: Some(true),
+            enable_leader_restore: Some(false),
+            max_in_snapshot_log_to_keep: LOG_KEPT_AFTER_SNAPSHOT,
+            purge_batch_size: PURGE_BATCH_ENTRIES,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
+            ..Default::default()
+        };
+        c.validate().map(Arc::new).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("raft timers: {e}")))
+    }
+}
+
+/// What a node's replication runtime is made of.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// This node's id (unique, never reused).
+    pub node_id: u64,
+    /// The placement of every partition over the cluster's nodes.
+    pub placement: Placement,
+    /// The partitions of the namespace (all 4096 in service; tests may use fewer).
+    pub partitions: Vec<PartitionId>,
+    /// Directory of the state machines' side files.
+    pub sm_dir: PathBuf,
+    /// State machine tunables.
+    pub sm: SmOptions,
+    /// Raft timers.
+    pub timers: RaftTimers,
+    /// How long a write waits for its proposal to be applied before answering "in doubt".
+    pub proposal_timeout: Duration,
+}
+
+/// One node's partition groups of one namespace.
+#[allow(missing_debug_implementations)] // engine, log and thousands of groups: nothing useful to print
+pub struct ReplicaNode {
+    id: u64,
+    engine: Engine,
+    log: SharedLog<TypeConfig>,
+    placement: Placement,
+    groups: BTreeMap<u16, Group>,
+}
+
+impl ReplicaNode {
+    /// Opens a group for every partition of `options.partitions` that the placement gives this
+    /// node, on `engine` (which must run its maintenance externally: expiry and eviction go
+    /// through the log) and `log`; `network(pid)` makes the transport of group `pid`.
+    pub async fn open<F, N>(
+        options: NodeOptions,
+        engine: Engine,
+        log: SharedLog<TypeConfig>,
+        mut network: F,
+    ) -> io::Result<ReplicaNode>
+    where
+        F: FnMut(PartitionId) -> N,
+        N: RaftNetworkFactory<TypeConfig>,
+        N::Network: NetSnapshot<TypeConfig, SnapshotData = PartitionSnapshot>,
+    {
+        if engine.config().maintenance != MaintenanceMode::External {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "namespace {}: a replicated engine must run with external maintenance (expiry and eviction go through the log)",
+                    engine.namespace()
+                ),
+            ));
+        }
+        let config = options.timers.config()?;
+        let mut groups = BTreeMap::new();
+        for &pid in &options.partitions {
+            if !options.placement.holds(options.node_id, pid) {
+                continue;
+            }
+            let sm = PartitionStateMachine::open(engine.clone(), pid, &options.sm_dir, options.sm)?;
+            let raft = PartitionRaft::new(
+                options.node_id,
+                config.clone(),
+                network(pid),
+                log.group(u32::from(pid.get())),
+                sm.clone(),
+            )
+            .await
+            .map_err(|e| io::Error::other(format!("partition {}: starting its raft: {e}", pid.get())))?;
+            groups.insert(
+                pid.get(),
+                Group::new(options.node_id, pid, engine.clone(), raft, sm, options.proposal_timeout),
+            );
+        }
+        Ok(ReplicaNode { id: options.node_id, engine, log, placement: options.placement, groups })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The namespace engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The shared log.
+    pub fn log(&self) -> &SharedLog<TypeConfig> {
+        &self.log
+    }
+
+    /// The placement.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// This node's group of partition `pid`, if it holds a replica.
+    pub fn group(&self, pid: PartitionId) -> Option<&Group> {
+        self.groups.get(&pid.get())
+    }
+
+    /// Every group of this node, by partition.
+    pub fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.groups.values()
+    }
+
+    /// Initializes every group this node is the preferred leader of and that has no
+    /// membership yet (a first start), with the placement's voters; the node that initializes
+    /// a group stands for election at once, so leaders start where the placement wants them.
+    /// Safe to call on every start: returns how many groups it initialized.
+    pub async fn bootstrap(&self) -> io::Result<usize> {
+        let mut initialized = 0;
+        for group in self.groups.values() {
+            let pid = group.partition();
+            if self.placement.preferred_leader(pid) != self.id {
+                continue;
+            }
+            let members: BTreeMap<u64, BasicNode> =
+                self.placement.replicas(pid).into_iter().map(|id| (id, BasicNode::new(id))).collect();
+            match group.raft().initialize(members).await {
+                Ok(()) => initialized += 1,
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {} // already has a log or a vote
+                Err(e) => {
+                    return Err(io::Error::other(format!("partition {}: initializing its group: {e}", pid.get())));
+                }
+            }
+        }
+        Ok(initialized)
+    }
+
+    /// Groups this node leads and that are ready to decide.
+    pub fn ready_leaders(&self) -> usize {
+        self.groups.values().filter(|g| g.is_ready_leader()).count()
+    }
+
+    /// Proposes, through the groups this node leads, the removal of up to `limit` expired
+    /// records; returns how many were removed. (A follower's expired records stay until its
+    /// leader's tombstone reaches it; its reads hide them by their void time meanwhile.)
+    pub async fn expire_once(&self, limit: usize) -> usize {
+        let mut removed = 0;
+        for (digest, meta) in self.engine.expiry_candidates(limit) {
+            let Some(group) = self.groups.get(&digest.partition().get()) else { continue };
+            if !group.is_ready_leader() {
+                continue;
+            }
+            match group.expire(&digest, meta).await {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => tracing::debug!(partition = digest.partition().get(), "expiry not proposed: {e}"),
+            }
+        }
+        removed
+    }
+
+    /// Proposes, through the groups this node leads, the eviction of up to `limit` records the
+    /// engine's eviction would remove now (none below its high-water marks); returns how many
+    /// were deleted. A record written since it was chosen is kept.
+    pub async fn evict_once(&self, limit: usize) -> usize {
+        let mut evicted = 0;
+        for (digest, meta) in self.engine.eviction_candidates(limit) {
+            let Some(group) = self.groups.get(&digest.partition().get()) else { continue };
+            if !group.is_ready_leader() {
+                continue;
+            }
+            let outcome = group
+                .write(&digest, false, |existing| {
+                    Ok(match existing {
+                        Some(e) if e.meta == meta => peregrine_engine::Change::Delete,
+                        _ => peregrine_engine::Change::Nothing,
+                    })
+                })
+                .await;
+            match outcome {
+                Ok(peregrine_engine::Applied::Deleted) => evicted += 1,
+                Ok(_) => {}
+                Err(WriteError::Refused(e)) => tracing::debug!("eviction refused: {e}"),
+                Err(e) => tracing::debug!(partition = digest.partition().get(), "eviction not proposed: {e}"),
+            }
+        }
+        evicted
+    }
+
+    /// Stops every group and makes each state machine's applied id durable; the engine and
+    /// the log stay open for the caller to close.
+    pub async fn shutdown(self) -> io::Result<()> {
+        for group in self.groups.values() {
+            group
+                .raft()
+                .shutdown()
+                .await
+                .map_err(|e| io::Error::other(format!("partition {}: stopping: {e}", group.partition().get())))?;
+        }
+        for group in self.groups.values() {
+            group.state_machine().persist().await?;
+        }
+        Ok(())
+    }
+}
