@@ -19,6 +19,7 @@ use peregrine_engine::{Bin, Digest, Engine, PartitionId, Record, RecordMeta, Rec
 
 use crate::log::SharedLog;
 use crate::sm_tests::{engine_config, log_options, tempdir};
+use crate::snapshot_transfer::{CancelToken, cancel_on_close};
 use crate::state_machine::{PartitionSnapshot, PartitionStateMachine, SmOptions, Snapshot};
 use crate::types::{Command, Outcome, TypeConfig};
 
@@ -88,11 +89,17 @@ impl RaftNetworkV2<TypeConfig> for Net {
         &mut self,
         vote: Vote,
         snapshot: Snapshot,
-        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let raft = self.router.get(self.target, self.group)?;
-        raft.install_full_snapshot(vote, snapshot).await.map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))
+        // The target streams the partition itself; the stream it reads stops once replication
+        // to it closes.
+        let token = CancelToken::new();
+        let snapshot = Snapshot { meta: snapshot.meta, snapshot: snapshot.snapshot.with_cancel(token.clone()) };
+        cancel_on_close(cancel, &token, raft.install_full_snapshot(vote, snapshot))
+            .await
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))
     }
 }
 
@@ -307,6 +314,7 @@ async fn three_nodes_four_groups_replicate_and_a_restarted_node_catches_up() {
             let (applied, durable) = sm.applied_ids().await;
             assert!(purged <= durable, "node {id} group {g}: purged {purged:?} beyond durable {durable:?}");
             assert!(durable <= applied);
+            assert!(sm.readable(), "node {id} group {g}: caught up, so readable");
         }
     }
 

@@ -15,6 +15,7 @@ pub mod log;
 pub mod loopback;
 pub mod node;
 pub mod placement;
+pub mod snapshot_transfer;
 pub mod state_machine;
 pub mod types;
 

@@ -31,16 +31,23 @@
 //! membership is durable too, and the log always holds `(durable applied, last log]`.
 //!
 //! **Snapshots are partition streams.** [`PartitionSnapshot`] is a handle (source engine,
-//! partition) that the receiver reads with the engine's snapshot cursor in bounded batches; in
-//! this crate's in-process tests the handle is the source node's engine itself (a network
+//! partition) that the receiver reads with the engine's snapshot cursor in bounded batches
+//! ([`crate::snapshot_transfer`]: one batch in memory, throttled at the receiver's
+//! [`SmOptions::snapshot_mb_per_s`], cancellable through [`PartitionSnapshot::with_cancel`]);
+//! in this crate's in-process tests the handle is the source node's engine itself (a network
 //! transport would stream the same batches). The stream reads the *live* partition, so it may
 //! hold versions newer than `meta.last_log_id`; that is sound because the receiver then
-//! replays the log after `last_log_id` with the monotonic apply, which skips them as stale.
+//! replays the log after `last_log_id` with the monotonic apply, which skips them as stale
+//! (and reads wait for that replay: [`PartitionStateMachine::readable`]).
 //! Install = mark the partition value "installing", `truncate_partition`, apply every batch,
 //! write the side file, then the applied id (after the barrier). A crash during an install
 //! leaves the "installing" mark and [`PartitionStateMachine::open`] refuses the group rather
 //! than report contents it does not have (recovering such a replica needs a fresh snapshot
-//! from a peer: not built yet).
+//! from a peer: not built yet). A cancelled or failed install leaves the mark too, and the
+//! state machine refuses to apply, snapshot or report state until a later install completes.
+//! (openraft treats an install error as a storage error, so the receiving `Raft` stops: a
+//! cancel during an in-process install, as in the cluster test's network, costs the receiver
+//! its group until the repair path exists.)
 
 use std::fmt;
 use std::io::{self, Write};
@@ -50,12 +57,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
-use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use openraft::{EntryPayload, LogIdOptionExt, OptionalSend, RaftSnapshotBuilder};
 use peregrine_engine::snapshot::SNAPSHOT_BATCH_RECORDS_DEFAULT;
-use peregrine_engine::{Durability, Engine, PartitionId, RecordVersion, SnapshotCursor};
+use peregrine_engine::{Durability, Engine, PartitionId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+pub use crate::snapshot_transfer::SnapshotStream;
+use crate::snapshot_transfer::{CancelToken, InstallGate, SNAPSHOT_MB_PER_S_DEFAULT, Throttle};
 use crate::types::{LogId, Outcome, Response, SnapshotMeta, StoredMembership, TypeConfig};
 
 /// A snapshot of a partition group as openraft hands it around.
@@ -73,13 +82,21 @@ const SIDE_FILE_MAGIC: u32 = 0x5052_534d; // "PRSM"
 pub struct SmOptions {
     /// Persist the applied id after this many applied entries (at least 1).
     pub persist_every: u64,
-    /// Versions per snapshot batch.
+    /// Versions per snapshot batch (of the snapshots this state machine serves): the memory
+    /// bound of a transfer.
     pub snapshot_batch_records: usize,
+    /// Throttle, in MB/s (2^20 bytes), of the snapshot streams this state machine reads as a
+    /// receiver; 0 = unlimited.
+    pub snapshot_mb_per_s: u64,
 }
 
 impl Default for SmOptions {
     fn default() -> SmOptions {
-        SmOptions { persist_every: PERSIST_EVERY_DEFAULT, snapshot_batch_records: SNAPSHOT_BATCH_RECORDS_DEFAULT }
+        SmOptions {
+            persist_every: PERSIST_EVERY_DEFAULT,
+            snapshot_batch_records: SNAPSHOT_BATCH_RECORDS_DEFAULT,
+            snapshot_mb_per_s: SNAPSHOT_MB_PER_S_DEFAULT,
+        }
     }
 }
 
@@ -92,8 +109,10 @@ pub struct PartitionSnapshot {
     /// The partition.
     pub partition: PartitionId,
     source: Engine,
+    source_gate: Arc<InstallGate>,
     source_id: u64,
     batch_records: usize,
+    cancel: CancelToken,
 }
 
 impl fmt::Debug for PartitionSnapshot {
@@ -101,33 +120,30 @@ impl fmt::Debug for PartitionSnapshot {
         f.debug_struct("PartitionSnapshot")
             .field("partition", &self.partition.get())
             .field("source_id", &self.source_id)
+            .field("cancel", &self.cancel)
             .finish_non_exhaustive()
     }
 }
 
 impl PartitionSnapshot {
-    /// A stream over the partition, in bounded batches.
-    pub fn stream(&self) -> SnapshotStream {
-        SnapshotStream { source: self.source.clone(), cursor: SnapshotCursor::new(self.partition, self.batch_records) }
+    /// A stream over the partition in batches of at most `snapshot_batch_records` versions
+    /// (the source's option), throttled at `mb_per_s` (0 = unlimited) and stopped by this
+    /// handle's cancel token.
+    pub fn stream(&self, mb_per_s: u64) -> SnapshotStream {
+        SnapshotStream::new(
+            self.source.clone(),
+            self.source_gate.clone(),
+            self.partition,
+            self.batch_records,
+            Throttle::new(mb_per_s),
+            self.cancel.clone(),
+        )
     }
-}
 
-/// Reads a partition snapshot batch by batch (bounded memory, resumable from the cursor).
-pub struct SnapshotStream {
-    source: Engine,
-    cursor: SnapshotCursor,
-}
-
-impl fmt::Debug for SnapshotStream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SnapshotStream").field("cursor", &self.cursor).finish_non_exhaustive()
-    }
-}
-
-impl SnapshotStream {
-    /// The next batch, `None` at the end.
-    pub async fn next_batch(&mut self) -> io::Result<Option<Vec<RecordVersion>>> {
-        self.source.snapshot_next(&mut self.cursor).await.map_err(engine_err("reading a snapshot batch"))
+    /// This handle with `cancel` as its cancel token: streams of the returned handle fail with
+    /// `Interrupted` once it is cancelled (see `snapshot_transfer::cancel_on_close`).
+    pub fn with_cancel(&self, cancel: CancelToken) -> PartitionSnapshot {
+        PartitionSnapshot { cancel, ..self.clone() }
     }
 }
 
@@ -156,6 +172,9 @@ struct Shared {
     side_path: PathBuf,
     source_id: u64,
     options: SmOptions,
+    /// Read without the mutex by [`PartitionStateMachine::readable`] and by the streams of
+    /// this partition's snapshots; written under it.
+    gate: Arc<InstallGate>,
     state: Mutex<State>,
 }
 
@@ -177,6 +196,15 @@ impl fmt::Debug for PartitionStateMachine {
 
 fn engine_err(what: &'static str) -> impl Fn(peregrine_engine::Error) -> io::Error {
     move |e| io::Error::other(format!("{what}: {e}"))
+}
+
+/// The error of every state machine call made after an install failed, until one completes.
+fn incomplete(pid: PartitionId) -> io::Error {
+    io::Error::other(format!(
+        "partition {}: a snapshot install did not complete; the partition is incomplete until another install \
+         completes",
+        pid.get()
+    ))
 }
 
 fn invalid_data(msg: String) -> io::Error {
@@ -309,6 +337,7 @@ impl PartitionStateMachine {
                 side_path: path,
                 source_id: NEXT_SOURCE_ID.fetch_add(1, Ordering::Relaxed),
                 options,
+                gate: Arc::new(InstallGate::new(applied.next_index())),
                 state: Mutex::new(state),
             }),
         })
@@ -322,6 +351,25 @@ impl PartitionStateMachine {
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.shared.engine
+    }
+
+    /// Whether the partition may serve reads: no snapshot install is under way or was left
+    /// incomplete, and the group has *caught up* past the last installed snapshot. Cheap (a
+    /// few atomic loads; never takes the state machine's mutex).
+    ///
+    /// "Caught up" means: the applied id has reached the catch-up index of the last install,
+    /// the source's applied index when the install's stream ended (at least the snapshot's
+    /// `last_log_id`). The stream reads the source's live partition, so right after an install
+    /// some records may hold versions newer than `last_log_id` and others not: a mix no single
+    /// log position explains. Every version the stream read came from an entry at or below the
+    /// catch-up index, so once openraft has applied the log that far (the monotonic apply
+    /// skipping what the install already holds), each record holds its latest version as of
+    /// the applied id. Without an install since open, only the first condition applies. The
+    /// catch-up index lives in memory: a restart before the group gets there re-applies the log
+    /// up to the durable committed id and then reports readable. A state machine is never
+    /// opened with the "installing" mark ([`PartitionStateMachine::open`] refuses it).
+    pub fn readable(&self) -> bool {
+        self.shared.gate.readable()
     }
 
     /// The applied id in memory and the one last made durable.
@@ -338,8 +386,13 @@ impl PartitionStateMachine {
 
     /// The applied id first (the engine barriers before it), then the side file if it changed:
     /// the file never names anything beyond the durable applied id.
+    ///
+    /// Writes nothing while an install is incomplete: the "installing" mark must stay.
     async fn persist_locked(&self, st: &mut State) -> io::Result<()> {
         let s = &self.shared;
+        if s.gate.is_installing() {
+            return Ok(());
+        }
         if st.durable_applied != st.applied {
             s.engine
                 .set_partition_values(vec![(s.pid, encode_applied(st.applied))])
@@ -362,8 +415,10 @@ impl PartitionStateMachine {
             snapshot: PartitionSnapshot {
                 partition: self.shared.pid,
                 source: self.shared.engine.clone(),
+                source_gate: self.shared.gate.clone(),
                 source_id: self.shared.source_id,
                 batch_records: self.shared.options.snapshot_batch_records,
+                cancel: CancelToken::new(),
             },
         }
     }
@@ -376,6 +431,9 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
     /// bounded by this snapshot, never passes the durable applied id).
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let mut st = self.shared.state.lock().await;
+        if self.shared.gate.is_installing() {
+            return Err(incomplete(self.shared.pid));
+        }
         let meta = SnapshotMeta { last_log_id: st.applied, last_membership: st.membership.clone() };
         st.snapshot = Some(meta.clone());
         self.persist_locked(&mut st).await?;
@@ -389,6 +447,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
 
     async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
         let st = self.shared.state.lock().await;
+        if self.shared.gate.is_installing() {
+            return Err(incomplete(self.shared.pid));
+        }
         Ok((st.applied, st.membership.clone()))
     }
 
@@ -397,12 +458,17 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
         let mut st = self.shared.state.lock().await;
+        let gate = &self.shared.gate;
+        if gate.is_installing() {
+            return Err(incomplete(self.shared.pid));
+        }
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let response = match entry.payload {
                 EntryPayload::Blank => Response::default(),
                 EntryPayload::Normal(cmd) => {
                     let versions = cmd.to_versions()?;
+                    gate.will_apply(entry.log_id.index);
                     let outcomes = self
                         .shared
                         .engine
@@ -417,6 +483,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 }
             };
             st.applied = Some(entry.log_id);
+            gate.applied(entry.log_id.index);
             st.since_persist += 1;
             if let Some(r) = responder {
                 r.send(response);
@@ -446,19 +513,28 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "a partition cannot install its own snapshot"));
         }
         let mut st = s.state.lock().await;
+        // From here until the install completes, the partition is not readable, streams of it
+        // fail, and an error leaves it so (the mark stays; see the module doc).
+        s.gate.begin_install();
+        st.durable_applied = None; // the mark: nothing is durable until the install completes
         s.engine
             .set_partition_values(vec![(s.pid, vec![VALUE_INSTALLING])])
             .await
             .map_err(engine_err("marking a snapshot install"))?;
-        st.durable_applied = None; // the mark: nothing is durable until the install completes
         s.engine.truncate_partition(s.pid).await.map_err(engine_err("truncating the partition"))?;
-        let mut stream = snapshot.stream();
-        while let Some(batch) = stream.next_batch().await? {
+        // One batch in memory at a time: applied, then dropped before the next is read.
+        let mut stream = snapshot.stream(s.options.snapshot_mb_per_s);
+        while let Some(batch) = stream.next_batch().await.map_err(|e| {
+            io::Error::new(e.kind(), format!("installing a snapshot into partition {}: {e}", s.pid.get()))
+        })? {
             s.engine
                 .apply_versions_async(&batch, Durability::Buffered)
                 .await
                 .map_err(engine_err("applying a snapshot batch"))?;
         }
+        let applied_next = meta.last_log_id.next_index();
+        let catch_up_next = stream.end_covers_next().unwrap_or(0).max(applied_next);
+        let stats = stream.stats();
         st.applied = meta.last_log_id;
         st.membership = meta.last_membership.clone();
         st.snapshot = Some(meta.clone());
@@ -473,11 +549,24 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             .map_err(engine_err("persisting the installed applied id"))?;
         st.durable_applied = st.applied;
         st.since_persist = 0;
+        s.gate.end_install(applied_next, catch_up_next);
+        tracing::info!(
+            partition = s.pid.get(),
+            batches = stats.batches,
+            versions = stats.versions,
+            bytes = stats.bytes,
+            applied_next,
+            catch_up_next,
+            "installed a partition snapshot"
+        );
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         let st = self.shared.state.lock().await;
+        if self.shared.gate.is_installing() {
+            return Err(incomplete(self.shared.pid));
+        }
         Ok(st.snapshot.clone().map(|meta| self.snapshot_of(meta)))
     }
 }
