@@ -15,6 +15,12 @@
 //!   proposed but not yet applied; the next write of that key decides over the newest of them.
 //!   Past [`KEY_PENDING_LIMIT`] in flight, the write is refused as "key busy" (14), as
 //!   Aerospike does past its `transaction-pending-limit`.
+//! - **The log holds versions in the order they were decided**: deciding and submitting to
+//!   Raft happen under one submission lock per group (the engine read before a decision does
+//!   not), so a version decided over a pending one is always logged after it.
+//! - **A refusal is only reported as such when it is true**: a version Raft refused before
+//!   appending it (not leader, lease lapsed) is "not leader" to its writer — unless a later
+//!   version of the key was decided over it, whose effect includes it: then "in doubt".
 //! - **A new leader decides nothing before its first entry of the term is applied** (the blank
 //!   entry openraft appends on election): until then the engine may not hold every committed
 //!   version, and the write answers [`WriteError::NotReady`].
@@ -27,17 +33,22 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, ForwardReason};
+use openraft::impls::ProgressResponder;
+use openraft::raft::ClientWriteResponse;
 use peregrine_engine::clock::is_expired;
 use peregrine_engine::record::next_generation;
 use peregrine_engine::{
     Applied, Change, Current, Digest, Engine, Existing, PartitionId, Prepared, RecordMeta, RecordVersion,
 };
 
+use crate::control::{ControlMessage, ControlSender};
+use crate::hibernate::driver::{apply, renew_write_lease};
+use crate::hibernate::{Action, GroupSleep, SleepConfig};
 use crate::state_machine::PartitionStateMachine;
 use crate::types::{Command, Outcome, TypeConfig};
 
@@ -98,6 +109,19 @@ struct Pending {
     /// The leader term it was proposed in.
     term: u64,
     version: RecordVersion,
+    /// Whether a later version of the key was decided over this one.
+    has_successor: bool,
+}
+
+/// Held from a version's decision to its submission to Raft.
+type SubmitGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
+
+/// Why a proposal did not complete.
+enum Refusal {
+    /// Refused before it was appended because the leader lease lapsed: worth one renewal.
+    LeaseExpired,
+    /// Anything else, as the writer gets it.
+    Error(WriteError),
 }
 
 /// What a leader keeps about its own proposals of the current term.
@@ -131,6 +155,31 @@ struct GroupInner {
     sm: PartitionStateMachine,
     proposal_timeout: Duration,
     leader: Mutex<LeaderState>,
+    /// Serializes decision + submission, so the log order is the decision order.
+    submit: tokio::sync::Mutex<()>,
+    /// Hibernation of this replica (`None`: it never sleeps).
+    sleep: Option<Mutex<GroupSleep>>,
+    control: Arc<dyn ControlSender>,
+}
+
+/// How a group behaves, beyond its parts.
+#[derive(Clone)]
+pub struct GroupSettings {
+    /// How long a write waits for its proposal to be applied before answering "in doubt".
+    pub proposal_timeout: Duration,
+    /// Hibernation (`None`: the group's timers always run).
+    pub sleep: Option<SleepConfig>,
+    /// Carries the group's sleep and wake requests to its peers.
+    pub control: Arc<dyn ControlSender>,
+}
+
+impl fmt::Debug for GroupSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GroupSettings")
+            .field("proposal_timeout", &self.proposal_timeout)
+            .field("sleep", &self.sleep)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where the write path stands with this replica's role.
@@ -142,18 +191,77 @@ enum Role {
 }
 
 impl Group {
-    /// The group of partition `pid` on node `node_id`, around its Raft and state machine; a
-    /// write waits at most `proposal_timeout` for its proposal to be applied.
+    /// The group of partition `pid` on node `node_id`, around its Raft and state machine.
     pub fn new(
         node_id: u64,
         pid: PartitionId,
         engine: Engine,
         raft: PartitionRaft,
         sm: PartitionStateMachine,
-        proposal_timeout: Duration,
+        settings: GroupSettings,
     ) -> Group {
         let leader = Mutex::new(LeaderState::default());
-        Group { inner: Arc::new(GroupInner { node_id, pid, engine, raft, sm, proposal_timeout, leader }) }
+        let sleep = settings.sleep.map(|c| Mutex::new(GroupSleep::new(node_id, c, Instant::now())));
+        Group {
+            inner: Arc::new(GroupInner {
+                node_id,
+                pid,
+                engine,
+                raft,
+                sm,
+                proposal_timeout: settings.proposal_timeout,
+                leader,
+                submit: tokio::sync::Mutex::new(()),
+                sleep,
+                control: settings.control,
+            }),
+        }
+    }
+
+    /// Runs `f` on this replica's hibernation state (`None` when hibernation is off).
+    pub fn with_sleep<R>(&self, f: impl FnOnce(&mut GroupSleep) -> R) -> Option<R> {
+        self.inner.sleep.as_ref().map(|s| f(&mut s.lock().unwrap_or_else(|p| p.into_inner())))
+    }
+
+    /// Whether this replica sleeps (its timers parked).
+    pub fn is_asleep(&self) -> bool {
+        self.with_sleep(|s| s.is_asleep()).unwrap_or(false)
+    }
+
+    /// Performs a hibernation action: its openraft side effects on this replica, then the
+    /// messages it asks for to the group's other voters.
+    pub async fn execute(&self, action: Action) {
+        if action == Action::None || apply(&self.inner.raft, action).await.is_err() {
+            return; // nothing to do, or the group is shutting down
+        }
+        let message = match action {
+            Action::SendSleep { term } => ControlMessage::Sleep { partition: self.inner.pid.get(), term },
+            Action::WakeLeader { notify_peers: true } | Action::WakeFollower { notify_peers: true } => {
+                ControlMessage::Wake { partition: self.inner.pid.get() }
+            }
+            _ => return,
+        };
+        let voters: Vec<u64> = self.inner.raft.metrics().borrow_watched().membership_config.voter_ids().collect();
+        for v in voters.into_iter().filter(|&v| v != self.inner.node_id) {
+            self.inner.control.send(self.inner.node_id, v, message);
+        }
+    }
+
+    /// Activity on this replica: wakes it (and its peers) if it sleeps, and renews a lapsed
+    /// leader lease before a write, so the write is not refused for a lease that lapsed while
+    /// the group slept.
+    async fn wake_for_write(&self) -> Result<(), WriteError> {
+        let Some(action) = self.with_sleep(|s| s.on_activity(Instant::now())) else { return Ok(()) };
+        self.execute(action).await;
+        let needs_lease = self.with_sleep(|s| s.needs_heartbeat_before_write()).unwrap_or(false);
+        if needs_lease && self.is_ready_leader() {
+            if let Err(e) = renew_write_lease(&self.inner.raft, self.inner.proposal_timeout).await {
+                tracing::debug!(partition = self.inner.pid.get(), "lease not renewed: {e}");
+                return Err(WriteError::NotReady);
+            }
+            self.with_sleep(|s| s.on_write_lease_renewed());
+        }
+        Ok(())
     }
 
     /// The partition.
@@ -190,12 +298,27 @@ impl Group {
         F: FnMut(Option<Existing<'_>>) -> peregrine_engine::Result<Change>,
     {
         assert_eq!(digest.partition(), self.inner.pid, "a write routed to the wrong partition group");
-        let prepared = self.decide_write(digest, read_existing, &mut decide).await?;
-        let Some(version) = prepared.version else {
-            return Ok(prepared.applied); // nothing to store: nothing to log
-        };
-        self.propose(version).await?;
-        Ok(prepared.applied)
+        self.wake_for_write().await?;
+        let mut lease_renewed = false;
+        loop {
+            let (prepared, submit) = self.decide_write(digest, read_existing, &mut decide).await?;
+            let Some(version) = prepared.version else {
+                return Ok(prepared.applied); // nothing to store: nothing to log
+            };
+            match self.propose(version, submit).await {
+                Ok(()) => return Ok(prepared.applied),
+                // The leader's lease lapsed (no append acked for an election timeout: a fresh
+                // leader, a quiet group) and nothing was appended: renew it, decide again.
+                Err(Refusal::LeaseExpired) if !lease_renewed => {
+                    lease_renewed = true;
+                    if renew_write_lease(&self.inner.raft, self.inner.proposal_timeout).await.is_err() {
+                        return Err(WriteError::NotReady);
+                    }
+                }
+                Err(Refusal::LeaseExpired) => return Err(WriteError::NotReady),
+                Err(Refusal::Error(e)) => return Err(e),
+            }
+        }
     }
 
     /// Proposes the removal of an expired record (a tombstone version decided here), if the
@@ -203,6 +326,8 @@ impl Group {
     /// it is in flight. Returns whether a removal was applied.
     pub async fn expire(&self, digest: &Digest, meta: RecordMeta) -> Result<bool, WriteError> {
         assert_eq!(digest.partition(), self.inner.pid, "an expiry routed to the wrong partition group");
+        self.wake_for_write().await?;
+        let submit = self.inner.submit.lock().await;
         let version = {
             let mut state = self.lock_ready()?;
             if state.pending.contains_key(digest) {
@@ -224,25 +349,30 @@ impl Group {
             Self::register(&mut state, &version)?;
             version
         };
-        self.propose(version).await?;
-        Ok(true)
+        match self.propose(version, submit).await {
+            Ok(()) => Ok(true),
+            Err(Refusal::LeaseExpired) => Err(WriteError::NotReady),
+            Err(Refusal::Error(e)) => Err(e),
+        }
     }
 
     /// Decides a write: over the newest pending version of the key if there is one, else over
-    /// what the engine holds (read without the state lock, decided under it once the index
-    /// shows the entry unchanged). The decided version is registered as pending.
+    /// what the engine holds (read without any lock, decided under them once the index shows
+    /// the entry unchanged). The decided version is registered as pending, and the submission
+    /// lock is returned held: versions reach the log in the order they were decided.
     async fn decide_write<F>(
         &self,
         digest: &Digest,
         read_existing: bool,
         decide: &mut F,
-    ) -> Result<Prepared, WriteError>
+    ) -> Result<(Prepared, SubmitGuard<'_>), WriteError>
     where
         F: FnMut(Option<Existing<'_>>) -> peregrine_engine::Result<Change>,
     {
         let engine = &self.inner.engine;
         for _ in 0..DECIDE_ATTEMPTS_MAX {
             {
+                let submit = self.inner.submit.lock().await;
                 let mut state = self.lock_ready()?;
                 if let Some(newest) = state.pending.get(digest).and_then(|chain| chain.back()) {
                     let prepared =
@@ -250,10 +380,11 @@ impl Group {
                     if let Some(v) = &prepared.version {
                         Self::register(&mut state, v)?;
                     }
-                    return Ok(prepared);
+                    return Ok((prepared, submit));
                 }
             }
             let read = engine.read_current_async(digest, read_existing).await.map_err(WriteError::Refused)?;
+            let submit = self.inner.submit.lock().await;
             let mut state = self.lock_ready()?;
             if state.pending.contains_key(digest) || engine.index().get(digest) != read.entry {
                 continue; // another write of this key got in between: decide again
@@ -264,7 +395,7 @@ impl Group {
             if let Some(v) = &prepared.version {
                 Self::register(&mut state, v)?;
             }
-            return Ok(prepared);
+            return Ok((prepared, submit));
         }
         Err(WriteError::Refused(peregrine_engine::Error::KeyBusy))
     }
@@ -295,77 +426,107 @@ impl Group {
         Ok(Prepared { version, applied, expected: None })
     }
 
-    /// Records `version` as pending and raises the partition's highest last-update time.
+    /// Records `version` as pending and raises the partition's highest last-update time. The
+    /// versions already pending for the key now have a successor decided over them.
     fn register(state: &mut LeaderState, version: &RecordVersion) -> Result<(), WriteError> {
         let lut = version.meta().last_update_ms;
         assert!(lut > state.highest_lut_ms, "last-update times must rise in log order");
+        let term = state.term.unwrap_or_default();
         let chain = state.pending.entry(*version.digest()).or_default();
         if chain.len() >= KEY_PENDING_LIMIT {
             return Err(WriteError::Refused(peregrine_engine::Error::KeyBusy));
         }
-        let term = state.term.unwrap_or_default();
-        chain.push_back(Pending { term, version: version.clone() });
+        for p in chain.iter_mut() {
+            p.has_successor = true;
+        }
+        chain.push_back(Pending { term, version: version.clone(), has_successor: false });
         state.highest_lut_ms = lut;
         Ok(())
     }
 
-    /// Proposes one decided version and waits (at most the proposal timeout) until it is
-    /// applied here. The proposal runs in its own task, which takes the version out of the
-    /// pending overlay once it resolves: a version that timed out for its caller stays in the
-    /// overlay until then, so no later write of the key is decided without it.
-    async fn propose(&self, version: RecordVersion) -> Result<(), WriteError> {
-        let group = self.clone();
+    /// Takes a resolved version out of the pending overlay; returns whether a later version
+    /// of the key was decided over it.
+    fn unpend(&self, digest: &Digest, term: u64, lut: u64) -> bool {
+        let mut state = self.inner.leader.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(chain) = state.pending.get_mut(digest) else { return false };
+        let mut had_successor = false;
+        chain.retain(|p| {
+            let this = p.term == term && p.version.meta().last_update_ms == lut;
+            had_successor |= this && p.has_successor;
+            !this
+        });
+        if chain.is_empty() {
+            state.pending.remove(digest);
+        }
+        had_successor
+    }
+
+    /// Proposes one decided version — submitted to Raft while `submit` is held, so the log
+    /// holds versions in the order they were decided — and waits (at most the proposal
+    /// timeout) until it is applied here. The wait runs in its own task, which takes the
+    /// version out of the pending overlay once it resolves: a version that timed out for its
+    /// caller stays in the overlay until then, so no later write of the key is decided
+    /// without it.
+    async fn propose(&self, version: RecordVersion, submit: SubmitGuard<'_>) -> Result<(), Refusal> {
+        let digest = *version.digest();
+        let lut = version.meta().last_update_ms;
         let term = self.inner.leader.lock().unwrap_or_else(|p| p.into_inner()).term.unwrap_or_default();
+        let (responder, response) = ProgressResponder::complete_only();
+        let command = Command::from_versions(std::slice::from_ref(&version));
+        let submitted = self.inner.raft.client_write_ff(command, Some(responder)).await;
+        drop(submit);
+        if let Err(fatal) = submitted {
+            self.unpend(&digest, term, lut);
+            return Err(Refusal::Error(WriteError::Fatal(fatal.to_string())));
+        }
+        let group = self.clone();
         let task = tokio::spawn(async move {
-            let digest = *version.digest();
-            let lut = version.meta().last_update_ms;
-            let result = group.inner.raft.client_write(Command::from_versions(std::slice::from_ref(&version))).await;
-            let mut state = group.inner.leader.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(chain) = state.pending.get_mut(&digest) {
-                chain.retain(|p| p.term != term || p.version.meta().last_update_ms != lut);
-                if chain.is_empty() {
-                    state.pending.remove(&digest);
-                }
-            }
-            drop(state);
-            group.outcome(result)
+            let result = response.await;
+            let had_successor = group.unpend(&digest, term, lut);
+            group.outcome(result, had_successor)
         });
         match tokio::time::timeout(self.inner.proposal_timeout, task).await {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(join)) => Err(WriteError::Fatal(format!("the proposal task failed: {join}"))),
-            Err(_) => Err(WriteError::InDoubt(format!(
+            Ok(Err(join)) => Err(Refusal::Error(WriteError::Fatal(format!("the proposal task failed: {join}")))),
+            Err(_) => Err(Refusal::Error(WriteError::InDoubt(format!(
                 "partition {}: not applied within {} ms",
                 self.inner.pid.get(),
                 self.inner.proposal_timeout.as_millis()
-            ))),
+            )))),
         }
     }
 
-    /// What a proposal's result means for its writer.
-    fn outcome(
+    /// What a proposal's result means for its writer. A version refused before it was
+    /// appended is not applied — unless a later version of the key was decided over it and
+    /// may be: then its effect may be in the log after all, and the answer is "in doubt".
+    fn outcome<E: fmt::Display>(
         &self,
-        result: Result<
-            openraft::raft::ClientWriteResponse<TypeConfig>,
-            RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
-        >,
-    ) -> Result<(), WriteError> {
+        result: Result<Result<ClientWriteResponse<TypeConfig>, ClientWriteError<TypeConfig>>, E>,
+        had_successor: bool,
+    ) -> Result<(), Refusal> {
+        let pid = self.inner.pid.get();
         match result {
-            Ok(resp) => match resp.data.outcomes.as_slice() {
+            Ok(Ok(resp)) => match resp.data.outcomes.as_slice() {
                 [Outcome::Applied] => Ok(()),
                 // A truncation that reached the replicas first covers the version: as if the
                 // write happened just before the truncation.
                 [Outcome::Truncated] => Ok(()),
-                other => Err(WriteError::Fatal(format!(
-                    "partition {}: a leader-decided version applied as {other:?}",
-                    self.inner.pid.get()
-                ))),
+                other => Err(Refusal::Error(WriteError::Fatal(format!(
+                    "partition {pid}: a leader-decided version applied as {other:?}"
+                )))),
             },
-            // Refused before anything was appended.
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(WriteError::NotLeader { leader: f.leader_id.filter(|l| *l != self.inner.node_id) })
+            Ok(Err(ClientWriteError::ForwardToLeader(_))) if had_successor => Err(Refusal::Error(WriteError::InDoubt(
+                format!("partition {pid}: refused, but a later write of the key was decided over it"),
+            ))),
+            Ok(Err(ClientWriteError::ForwardToLeader(f))) if f.reason == ForwardReason::LeaseExpired => {
+                Err(Refusal::LeaseExpired)
             }
-            Err(RaftError::APIError(e)) => Err(WriteError::InDoubt(e.to_string())),
-            Err(RaftError::Fatal(f)) => Err(WriteError::Fatal(f.to_string())),
+            Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                Err(Refusal::Error(WriteError::NotLeader { leader: f.leader_id.filter(|l| *l != self.inner.node_id) }))
+            }
+            Ok(Err(e)) => Err(Refusal::Error(WriteError::InDoubt(e.to_string()))),
+            // The responder was dropped: the group stopped with the entry in flight.
+            Err(e) => Err(Refusal::Error(WriteError::Fatal(format!("partition {pid}: no response: {e}")))),
         }
     }
 

@@ -8,6 +8,7 @@
 //! (`peregrine_engine::io`), so the same code runs on io_uring, the blocking pool and the
 //! simulated device used by the crash tests.
 
+pub mod control;
 pub mod group;
 pub mod hibernate;
 pub mod liveness;
@@ -25,5 +26,7 @@ mod cluster_tests;
 mod hibernate_tests;
 #[cfg(test)]
 mod node_tests;
+#[cfg(test)]
+mod random_tests;
 #[cfg(test)]
 mod sm_tests;

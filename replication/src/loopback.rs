@@ -5,7 +5,8 @@
 //! Faults it can inject: a node *down* (every message to or from it is unreachable) and a
 //! directed *cut* between two nodes (messages from one to the other are unreachable, the
 //! other way still flows). It counts the messages it delivers, so tests can see whether idle
-//! groups are silent.
+//! groups are silent. It carries the nodes' control messages (liveness, sleep, wake) too, each
+//! delivered on its own task.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -21,7 +22,10 @@ use openraft::raft::{
 use openraft::{BasicNode, OptionalSend};
 use peregrine_engine::PartitionId;
 
+use crate::control::{ControlMessage, ControlSender};
 use crate::group::PartitionRaft;
+use crate::node::ReplicaNode;
+use crate::snapshot_transfer::{CancelToken, cancel_on_close};
 use crate::state_machine::{PartitionSnapshot, Snapshot};
 use crate::types::TypeConfig;
 
@@ -36,6 +40,8 @@ pub struct MessageCounts {
     pub votes: u64,
     /// Full snapshots.
     pub snapshots: u64,
+    /// Control messages (liveness, sleep, wake).
+    pub controls: u64,
 }
 
 #[derive(Default)]
@@ -43,6 +49,7 @@ struct Counters {
     appends: AtomicU64,
     votes: AtomicU64,
     snapshots: AtomicU64,
+    controls: AtomicU64,
 }
 
 #[derive(Default)]
@@ -50,6 +57,7 @@ struct Shared {
     rafts: Mutex<BTreeMap<(u64, u16), PartitionRaft>>,
     down: Mutex<BTreeSet<u64>>,
     cuts: Mutex<BTreeSet<(u64, u64)>>,
+    nodes: Mutex<BTreeMap<u64, ReplicaNode>>,
     counters: Counters,
 }
 
@@ -71,9 +79,23 @@ impl Loopback {
         self.lock_rafts().insert((node, pid.get()), raft);
     }
 
+    /// Registers a node: its groups' Rafts, and the node itself for control messages.
+    pub fn register_node(&self, node: &ReplicaNode) {
+        for g in node.groups() {
+            self.register(node.id(), g.partition(), g.raft().clone());
+        }
+        self.shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).insert(node.id(), node.clone());
+    }
+
     /// Removes every replica of node `node` (it stopped).
     pub fn unregister_node(&self, node: u64) {
         self.lock_rafts().retain(|(n, _), _| *n != node);
+        self.shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
+    }
+
+    /// This transport as the control sender of a node.
+    pub fn control(&self) -> Arc<dyn ControlSender> {
+        Arc::new(self.clone())
     }
 
     /// Node `node`'s replica of group `pid`, if registered.
@@ -114,6 +136,7 @@ impl Loopback {
             appends: c.appends.load(Ordering::Relaxed),
             votes: c.votes.load(Ordering::Relaxed),
             snapshots: c.snapshots.load(Ordering::Relaxed),
+            controls: c.controls.load(Ordering::Relaxed),
         }
     }
 
@@ -126,17 +149,32 @@ impl Loopback {
         self.shared.rafts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether the link `from → to` drops messages.
+    fn blocked(&self, from: u64, to: u64) -> bool {
+        let down = self.shared.down.lock().unwrap_or_else(|p| p.into_inner());
+        let cuts = self.shared.cuts.lock().unwrap_or_else(|p| p.into_inner());
+        down.contains(&from) || down.contains(&to) || cuts.contains(&(from, to))
+    }
+
     /// The target replica, if the link `from → to` delivers.
     fn route(&self, from: u64, to: u64, pid: PartitionId) -> Result<PartitionRaft, Unreachable<TypeConfig>> {
-        let blocked = {
-            let down = self.shared.down.lock().unwrap_or_else(|p| p.into_inner());
-            let cuts = self.shared.cuts.lock().unwrap_or_else(|p| p.into_inner());
-            down.contains(&from) || down.contains(&to) || cuts.contains(&(from, to))
-        };
-        if blocked {
+        if self.blocked(from, to) {
             return Err(Unreachable::from_string(format!("link {from} -> {to} is down")));
         }
         self.raft(to, pid).ok_or_else(|| Unreachable::from_string(format!("node {to} has no group {}", pid.get())))
+    }
+}
+
+impl ControlSender for Loopback {
+    fn send(&self, from: u64, to: u64, message: ControlMessage) {
+        if self.blocked(from, to) {
+            return;
+        }
+        let Some(node) = self.shared.nodes.lock().unwrap_or_else(|p| p.into_inner()).get(&to).cloned() else {
+            return;
+        };
+        self.shared.counters.controls.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move { node.on_control(from, message).await });
     }
 }
 
@@ -216,11 +254,17 @@ impl RaftNetworkV2<TypeConfig> for LoopbackClient {
         &mut self,
         vote: Vote,
         snapshot: Snapshot,
-        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let raft = self.loopback.route(self.from, self.to, self.pid).map_err(StreamingError::Unreachable)?;
         self.loopback.shared.counters.snapshots.fetch_add(1, Ordering::Relaxed);
-        raft.install_full_snapshot(vote, snapshot).await.map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))
+        // The target streams the partition itself; its stream stops once replication to it
+        // closes (a leader change, a shutdown).
+        let token = CancelToken::new();
+        let snapshot = Snapshot { meta: snapshot.meta, snapshot: snapshot.snapshot.with_cancel(token.clone()) };
+        cancel_on_close(cancel, &token, raft.install_full_snapshot(vote, snapshot))
+            .await
+            .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))
     }
 }

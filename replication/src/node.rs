@@ -9,8 +9,9 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::BasicNode;
 use openraft::error::{InitializeError, RaftError};
@@ -18,7 +19,11 @@ use openraft::network::NetSnapshot;
 use openraft::network::RaftNetworkFactory;
 use peregrine_engine::{Engine, MaintenanceMode, PartitionId};
 
-use crate::group::{Group, PartitionRaft, WriteError};
+use crate::control::{ControlMessage, ControlSender};
+use crate::group::{Group, GroupSettings, PartitionRaft, WriteError};
+use crate::hibernate::driver::observe;
+use crate::hibernate::{Action, SleepConfig};
+use crate::liveness::{Liveness, LivenessEvent};
 use crate::log::SharedLog;
 use crate::placement::Placement;
 use crate::state_machine::{PartitionSnapshot, PartitionStateMachine, SmOptions};
@@ -34,6 +39,8 @@ pub const INSTALL_SNAPSHOT_TIMEOUT_MS_DEFAULT: u64 = 600_000;
 const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
 /// Entries a group purges at once (a shared log purges logically, so batching is cheap).
 const PURGE_BATCH_ENTRIES: u64 = 256;
+/// Expired (or evictable) records proposed for removal per background round.
+const EXPIRY_BATCH_RECORDS: usize = 1_000;
 /// Entries appended to a group's log between two snapshots it builds on its own.
 const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
 
@@ -97,27 +104,41 @@ pub struct NodeOptions {
     pub timers: RaftTimers,
     /// How long a write waits for its proposal to be applied before answering "in doubt".
     pub proposal_timeout: Duration,
+    /// Hibernation of idle groups (`None`: their timers always run).
+    pub hibernation: Option<SleepConfig>,
+    /// A peer node not heard from for this long is reported down (wakes the groups it led).
+    pub peer_timeout: Duration,
 }
 
-/// One node's partition groups of one namespace.
+/// One node's partition groups of one namespace (a cheap handle: clones share the node).
+#[derive(Clone)]
 #[allow(missing_debug_implementations)] // engine, log and thousands of groups: nothing useful to print
 pub struct ReplicaNode {
+    inner: Arc<NodeInner>,
+}
+
+struct NodeInner {
     id: u64,
     engine: Engine,
     log: SharedLog<TypeConfig>,
     placement: Placement,
     groups: BTreeMap<u16, Group>,
+    liveness: Mutex<Liveness>,
+    control: Arc<dyn ControlSender>,
+    stopping: AtomicBool,
 }
 
 impl ReplicaNode {
     /// Opens a group for every partition of `options.partitions` that the placement gives this
     /// node, on `engine` (which must run its maintenance externally: expiry and eviction go
-    /// through the log) and `log`; `network(pid)` makes the transport of group `pid`.
+    /// through the log) and `log`; `network(pid)` makes the transport of group `pid`, and
+    /// `control` carries liveness and hibernation messages to peers.
     pub async fn open<F, N>(
         options: NodeOptions,
         engine: Engine,
         log: SharedLog<TypeConfig>,
         mut network: F,
+        control: Arc<dyn ControlSender>,
     ) -> io::Result<ReplicaNode>
     where
         F: FnMut(PartitionId) -> N,
@@ -134,6 +155,11 @@ impl ReplicaNode {
             ));
         }
         let config = options.timers.config()?;
+        let settings = GroupSettings {
+            proposal_timeout: options.proposal_timeout,
+            sleep: options.hibernation,
+            control: control.clone(),
+        };
         let mut groups = BTreeMap::new();
         for &pid in &options.partitions {
             if !options.placement.holds(options.node_id, pid) {
@@ -149,42 +175,52 @@ impl ReplicaNode {
             )
             .await
             .map_err(|e| io::Error::other(format!("partition {}: starting its raft: {e}", pid.get())))?;
-            groups.insert(
-                pid.get(),
-                Group::new(options.node_id, pid, engine.clone(), raft, sm, options.proposal_timeout),
-            );
+            groups.insert(pid.get(), Group::new(options.node_id, pid, engine.clone(), raft, sm, settings.clone()));
         }
-        Ok(ReplicaNode { id: options.node_id, engine, log, placement: options.placement, groups })
+        let peers = options.placement.nodes().iter().copied().filter(|&n| n != options.node_id);
+        let liveness = Mutex::new(Liveness::new(options.node_id, peers, options.peer_timeout, Instant::now()));
+        Ok(ReplicaNode {
+            inner: Arc::new(NodeInner {
+                id: options.node_id,
+                engine,
+                log,
+                placement: options.placement,
+                groups,
+                liveness,
+                control,
+                stopping: AtomicBool::new(false),
+            }),
+        })
     }
 
     /// This node's id.
     pub fn id(&self) -> u64 {
-        self.id
+        self.inner.id
     }
 
     /// The namespace engine.
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        &self.inner.engine
     }
 
     /// The shared log.
     pub fn log(&self) -> &SharedLog<TypeConfig> {
-        &self.log
+        &self.inner.log
     }
 
     /// The placement.
     pub fn placement(&self) -> &Placement {
-        &self.placement
+        &self.inner.placement
     }
 
     /// This node's group of partition `pid`, if it holds a replica.
     pub fn group(&self, pid: PartitionId) -> Option<&Group> {
-        self.groups.get(&pid.get())
+        self.inner.groups.get(&pid.get())
     }
 
     /// Every group of this node, by partition.
     pub fn groups(&self) -> impl Iterator<Item = &Group> {
-        self.groups.values()
+        self.inner.groups.values()
     }
 
     /// Initializes every group this node is the preferred leader of and that has no
@@ -193,13 +229,13 @@ impl ReplicaNode {
     /// Safe to call on every start: returns how many groups it initialized.
     pub async fn bootstrap(&self) -> io::Result<usize> {
         let mut initialized = 0;
-        for group in self.groups.values() {
+        for group in self.groups() {
             let pid = group.partition();
-            if self.placement.preferred_leader(pid) != self.id {
+            if self.inner.placement.preferred_leader(pid) != self.inner.id {
                 continue;
             }
             let members: BTreeMap<u64, BasicNode> =
-                self.placement.replicas(pid).into_iter().map(|id| (id, BasicNode::new(id))).collect();
+                self.inner.placement.replicas(pid).into_iter().map(|id| (id, BasicNode::new(id))).collect();
             match group.raft().initialize(members).await {
                 Ok(()) => initialized += 1,
                 Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {} // already has a log or a vote
@@ -213,7 +249,96 @@ impl ReplicaNode {
 
     /// Groups this node leads and that are ready to decide.
     pub fn ready_leaders(&self) -> usize {
-        self.groups.values().filter(|g| g.is_ready_leader()).count()
+        self.groups().filter(|g| g.is_ready_leader()).count()
+    }
+
+    /// Groups of this node that sleep.
+    pub fn asleep(&self) -> usize {
+        self.groups().filter(|g| g.is_asleep()).count()
+    }
+
+    /// Whether liveness reports peer `id` up.
+    pub fn is_peer_up(&self, id: u64) -> bool {
+        self.lock_liveness().is_up(id)
+    }
+
+    fn lock_liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {
+        self.inner.liveness.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends the node-level liveness heartbeat to every peer.
+    pub fn send_alive(&self) {
+        for &peer in self.inner.placement.nodes().iter().filter(|&&n| n != self.inner.id) {
+            self.inner.control.send(self.inner.id, peer, ControlMessage::Alive);
+        }
+    }
+
+    /// A control message from peer `from` (delivered by the transport).
+    pub async fn on_control(&self, from: u64, message: ControlMessage) {
+        match message {
+            ControlMessage::Alive => {
+                self.lock_liveness().heartbeat_from(from, Instant::now());
+            }
+            ControlMessage::Sleep { partition, term } => {
+                let Some(group) = self.inner.groups.get(&partition) else { return };
+                let role = observe(group.raft(), |_| true).role;
+                if let Some(action) = group.with_sleep(|s| s.on_sleep_request(from, term, role)) {
+                    group.execute(action).await;
+                }
+            }
+            ControlMessage::Wake { partition } => {
+                let Some(group) = self.inner.groups.get(&partition) else { return };
+                if let Some(action) = group.with_sleep(|s| s.on_wake_request(Instant::now())) {
+                    group.execute(action).await;
+                }
+            }
+        }
+    }
+
+    /// One round of the node's hibernation loop: liveness events first (a lost leader wakes
+    /// and re-elects its groups), then every group's idle check.
+    pub async fn step(&self) {
+        let now = Instant::now();
+        let events = self.lock_liveness().tick(now);
+        let liveness = self.lock_liveness().clone();
+        let is_up = |p: u64| liveness.is_up(p);
+        for event in events {
+            tracing::info!(node = self.inner.id, "liveness: {event:?}");
+            for group in self.groups() {
+                let obs = observe(group.raft(), is_up);
+                let action = group.with_sleep(|s| match event {
+                    LivenessEvent::PeerDown(p) => s.on_peer_down(now, p, &obs, is_up),
+                    LivenessEvent::PeerUp(p) => s.on_peer_up(now, p, &obs),
+                });
+                group.execute(action.unwrap_or(Action::None)).await;
+            }
+        }
+        for group in self.groups() {
+            let obs = observe(group.raft(), is_up);
+            if let Some(action) = group.with_sleep(|s| s.on_tick(now, &obs, is_up)) {
+                group.execute(action).await;
+            }
+        }
+    }
+
+    /// Runs the node's background work until [`ReplicaNode::shutdown`]: every `period` a
+    /// liveness heartbeat to each peer and a hibernation round; every `expiry_every` an expiry
+    /// and an eviction round through the groups this node leads.
+    pub fn spawn_background(&self, period: Duration, expiry_every: Duration) -> tokio::task::JoinHandle<()> {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut last_expiry = Instant::now();
+            while !node.inner.stopping.load(Ordering::Acquire) {
+                node.send_alive();
+                node.step().await;
+                if last_expiry.elapsed() >= expiry_every {
+                    last_expiry = Instant::now();
+                    node.expire_once(EXPIRY_BATCH_RECORDS).await;
+                    node.evict_once(EXPIRY_BATCH_RECORDS).await;
+                }
+                tokio::time::sleep(period).await;
+            }
+        })
     }
 
     /// Proposes, through the groups this node leads, the removal of up to `limit` expired
@@ -221,8 +346,8 @@ impl ReplicaNode {
     /// leader's tombstone reaches it; its reads hide them by their void time meanwhile.)
     pub async fn expire_once(&self, limit: usize) -> usize {
         let mut removed = 0;
-        for (digest, meta) in self.engine.expiry_candidates(limit) {
-            let Some(group) = self.groups.get(&digest.partition().get()) else { continue };
+        for (digest, meta) in self.inner.engine.expiry_candidates(limit) {
+            let Some(group) = self.inner.groups.get(&digest.partition().get()) else { continue };
             if !group.is_ready_leader() {
                 continue;
             }
@@ -240,8 +365,8 @@ impl ReplicaNode {
     /// were deleted. A record written since it was chosen is kept.
     pub async fn evict_once(&self, limit: usize) -> usize {
         let mut evicted = 0;
-        for (digest, meta) in self.engine.eviction_candidates(limit) {
-            let Some(group) = self.groups.get(&digest.partition().get()) else { continue };
+        for (digest, meta) in self.inner.engine.eviction_candidates(limit) {
+            let Some(group) = self.inner.groups.get(&digest.partition().get()) else { continue };
             if !group.is_ready_leader() {
                 continue;
             }
@@ -263,17 +388,18 @@ impl ReplicaNode {
         evicted
     }
 
-    /// Stops every group and makes each state machine's applied id durable; the engine and
-    /// the log stay open for the caller to close.
-    pub async fn shutdown(self) -> io::Result<()> {
-        for group in self.groups.values() {
+    /// Stops the background work and every group, and makes each state machine's applied id
+    /// durable; the engine and the log stay open for the caller to close.
+    pub async fn shutdown(&self) -> io::Result<()> {
+        self.inner.stopping.store(true, Ordering::Release);
+        for group in self.groups() {
             group
                 .raft()
                 .shutdown()
                 .await
                 .map_err(|e| io::Error::other(format!("partition {}: stopping: {e}", group.partition().get())))?;
         }
-        for group in self.groups.values() {
+        for group in self.groups() {
             group.state_machine().persist().await?;
         }
         Ok(())

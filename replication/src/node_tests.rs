@@ -17,6 +17,7 @@ use peregrine_engine::{
 };
 
 use crate::group::{Group, WriteError};
+use crate::hibernate::SleepConfig;
 use crate::log::SharedLog;
 use crate::loopback::Loopback;
 use crate::node::{NodeOptions, RaftTimers, ReplicaNode};
@@ -36,10 +37,12 @@ pub(crate) struct Cluster {
     pub clocks: BTreeMap<u64, Arc<ManualClock>>,
     pub nodes: BTreeMap<u64, ReplicaNode>,
     pub engine_bytes: u64,
+    pub hibernation: Option<SleepConfig>,
+    pub background: BTreeMap<u64, tokio::task::JoinHandle<()>>,
     _guards: Vec<tempfile::TempDir>,
 }
 
-fn fast_timers() -> RaftTimers {
+pub(crate) fn fast_timers() -> RaftTimers {
     RaftTimers { heartbeat_ms: 100, election_timeout_ms: 600, install_snapshot_timeout_ms: 60_000 }
 }
 
@@ -47,6 +50,16 @@ impl Cluster {
     /// Three nodes (ids 1, 2, 3) at RF 3 over `partitions`; node `n`'s clock starts
     /// `clock_offsets_ms[n-1]` after `T0_MS`.
     pub async fn start(partitions: Vec<PartitionId>, timers: RaftTimers, clock_offsets_ms: [u64; 3]) -> Cluster {
+        Cluster::start_with(partitions, timers, clock_offsets_ms, None).await
+    }
+
+    /// [`Cluster::start`] with hibernation (`Some`) and each node's background loop running.
+    pub async fn start_with(
+        partitions: Vec<PartitionId>,
+        timers: RaftTimers,
+        clock_offsets_ms: [u64; 3],
+        hibernation: Option<SleepConfig>,
+    ) -> Cluster {
         let guards: Vec<tempfile::TempDir> = (0..3).map(|_| tempdir()).collect();
         let mut c = Cluster {
             loopback: Loopback::new(),
@@ -59,6 +72,8 @@ impl Cluster {
                 .collect(),
             nodes: BTreeMap::new(),
             engine_bytes: 16 << 20,
+            hibernation,
+            background: BTreeMap::new(),
             _guards: guards,
         };
         for id in 1..=3 {
@@ -87,22 +102,35 @@ impl Cluster {
             sm: SmOptions { persist_every: 16, ..SmOptions::default() },
             timers: self.timers,
             proposal_timeout: Duration::from_secs(3),
+            hibernation: self.hibernation,
+            peer_timeout: Duration::from_millis(self.timers.heartbeat_ms * 6),
         };
         let lb = self.loopback.clone();
-        let node = ReplicaNode::open(options, engine, log, |pid| lb.factory(id, pid)).await.unwrap();
-        for g in node.groups() {
-            self.loopback.register(id, g.partition(), g.raft().clone());
+        let t = Instant::now();
+        let node = ReplicaNode::open(options, engine, log, |pid| lb.factory(id, pid), lb.control()).await.unwrap();
+        let opened = t.elapsed();
+        self.loopback.register_node(&node);
+        if self.hibernation.is_some() {
+            let period = Duration::from_millis(self.timers.heartbeat_ms);
+            self.background.insert(id, node.spawn_background(period, Duration::from_secs(3600)));
         }
-        node.bootstrap().await.unwrap();
+        let n = node.bootstrap().await.unwrap();
+        eprintln!(
+            "node {id}: {} groups opened in {opened:?}, {n} bootstrapped after {:?}",
+            node.groups().count(),
+            t.elapsed()
+        );
         self.nodes.insert(id, node);
     }
 
     pub async fn stop_node(&mut self, id: u64) {
         let node = self.nodes.remove(&id).unwrap();
         self.loopback.unregister_node(id);
-        let engine = node.engine().clone();
         node.shutdown().await.unwrap();
-        engine.close().unwrap();
+        if let Some(b) = self.background.remove(&id) {
+            b.await.unwrap();
+        }
+        node.engine().close().unwrap();
     }
 
     pub async fn stop_all(&mut self) {
@@ -211,7 +239,7 @@ pub(crate) async fn increment(g: &Group, d: &Digest, tag: &str) -> Result<Applie
     g.write(d, true, move |existing| Ok(put(&tag, counter_of(existing) + 1))).await
 }
 
-fn pids(n: u16) -> Vec<PartitionId> {
+pub(crate) fn pids(n: u16) -> Vec<PartitionId> {
     (0..n).map(|p| PartitionId::new(p).unwrap()).collect()
 }
 
@@ -367,5 +395,153 @@ async fn a_leader_change_with_writes_in_flight_applies_each_write_once_or_report
     assert_eq!(i64::from(r.meta.generation), applied, "each applied write is one version");
     assert!(applied >= ok, "every acknowledged write is applied ({applied} < {ok})");
     assert!(applied <= ok + in_doubt, "no failed write is applied ({applied} > {ok} + {in_doubt})");
+    c.stop_all().await;
+}
+
+/// Ready leaders per node, and how many partitions have one.
+fn leader_counts(c: &Cluster) -> (BTreeMap<u64, usize>, usize) {
+    let per_node: BTreeMap<u64, usize> = c.nodes.iter().map(|(id, n)| (*id, n.ready_leaders())).collect();
+    let led = c
+        .partitions
+        .iter()
+        .filter(|&&pid| c.nodes.values().any(|n| n.group(pid).is_some_and(|g| g.is_ready_leader())))
+        .count();
+    (per_node, led)
+}
+
+/// Writes one record per partition through its leader, `parallel` at a time; returns the
+/// digests written.
+async fn write_everywhere(c: &Cluster, round: u32, parallel: usize) -> Vec<Digest> {
+    let mut written = Vec::new();
+    for chunk in c.partitions.chunks(parallel) {
+        let mut tasks = Vec::new();
+        for &pid in chunk {
+            let leader = c.leader(pid, Duration::from_secs(60)).await.expect("a leader");
+            let d = digest_in(pid, round);
+            written.push(d);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..50 {
+                    match increment(&leader, &d, "everywhere").await {
+                        Ok(_) => return,
+                        Err(WriteError::NotReady | WriteError::NotLeader { .. }) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await
+                        }
+                        Err(e) => panic!("partition {}: {e}", pid.get()),
+                    }
+                }
+                panic!("partition {}: no write succeeded", pid.get());
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    written
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_4096_groups_elect_replicate_and_a_restarted_node_catches_up() {
+    let start = Instant::now();
+    let mut c = Cluster::start(PartitionId::all().collect(), RaftTimers::default(), [0, 0, 0]).await;
+    let started = start.elapsed();
+    loop {
+        let (per_node, led) = leader_counts(&c);
+        if led == 4096 {
+            eprintln!(
+                "4096 groups x 3: started in {started:?}, every group led after {:?}: {per_node:?}",
+                start.elapsed()
+            );
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "only {led} of 4096 groups have a leader: {per_node:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let t = Instant::now();
+    write_everywhere(&c, 1, 64).await;
+    eprintln!("one write per partition through its leader: {:?}", t.elapsed());
+    c.stop_node(3).await;
+    write_everywhere(&c, 2, 64).await;
+    c.start_node(3).await;
+    write_everywhere(&c, 3, 64).await;
+    let t = Instant::now();
+    assert_identical(&c).await;
+    eprintln!("all 4096 partitions identical on the 3 replicas (checked in {:?})", t.elapsed());
+    c.stop_all().await;
+}
+
+pub(crate) fn quick_sleep() -> SleepConfig {
+    SleepConfig {
+        idle_after: Duration::from_secs(1),
+        elect_hold_after_wake: Duration::from_millis(1_000),
+        elect_retry_every: Duration::from_millis(200),
+    }
+}
+
+async fn wait_all_asleep(c: &Cluster, within: Duration) {
+    let start = Instant::now();
+    let want = c.partitions.len() * c.nodes.len();
+    loop {
+        let asleep: usize = c.nodes.values().map(|n| n.asleep()).sum();
+        if asleep == want {
+            return;
+        }
+        assert!(start.elapsed() < within, "only {asleep} of {want} replicas asleep after {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_sleep_wake_on_a_write_and_re_elect_when_their_leaders_node_is_lost() {
+    let mut c = Cluster::start_with(pids(6), fast_timers(), [0, 0, 0], Some(quick_sleep())).await;
+    for &pid in &c.partitions.clone() {
+        let l = c.leader(pid, Duration::from_secs(20)).await.unwrap();
+        increment(&l, &digest_in(pid, 1), "before sleep").await.unwrap();
+    }
+    wait_all_asleep(&c, Duration::from_secs(20)).await;
+    // Asleep means silent: no append (heartbeat) and no vote for a while.
+    let before = c.loopback.counts();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = c.loopback.counts();
+    assert_eq!((after.appends, after.votes), (before.appends, before.votes), "sleeping groups sent Raft messages");
+    assert!(after.controls > before.controls, "the node-level liveness heartbeat goes on");
+
+    // A write wakes its group (and only it) and succeeds.
+    let pid = c.partitions[2];
+    let l = c.leader(pid, Duration::from_secs(5)).await.unwrap();
+    increment(&l, &digest_in(pid, 1), "wakes").await.unwrap();
+    assert!(!l.is_asleep());
+    let other = c.partitions[3];
+    assert!(c.nodes.values().all(|n| n.group(other).unwrap().is_asleep()), "an untouched group stayed asleep");
+
+    // Losing a leader's node wakes its groups on the survivors, which elect new leaders.
+    wait_all_asleep(&c, Duration::from_secs(20)).await;
+    let lost = 1u64;
+    let led: Vec<PartitionId> =
+        c.partitions.iter().copied().filter(|&p| c.nodes[&lost].group(p).unwrap().is_ready_leader()).collect();
+    assert!(!led.is_empty(), "node 1 leads some of the groups");
+    c.loopback.set_down(lost, true);
+    let down_at = Instant::now();
+    for &pid in &led {
+        let start = Instant::now();
+        loop {
+            let new = [2u64, 3].iter().any(|n| c.nodes[n].group(pid).unwrap().is_ready_leader());
+            if new {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "partition {}: no new leader on the survivors",
+                pid.get()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!("groups led by the lost node re-elected {:?} after it went down", down_at.elapsed());
+    for &pid in &led {
+        let g = [2u64, 3].iter().map(|n| c.nodes[n].group(pid).unwrap()).find(|g| g.is_ready_leader()).unwrap().clone();
+        increment(&g, &digest_in(pid, 1), "after loss").await.unwrap();
+    }
+    c.loopback.heal();
+    assert_identical(&c).await;
     c.stop_all().await;
 }
