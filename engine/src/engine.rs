@@ -584,6 +584,11 @@ impl Engine {
         self.inner.counters.tombstones.store(tombstones, Ordering::Relaxed);
     }
 
+    /// Whether `other` is a handle on this same open engine.
+    pub fn same_as(&self, other: &Engine) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The namespace name.
     pub fn namespace(&self) -> &str {
         &self.inner.config.namespace

@@ -227,6 +227,7 @@ async fn contents(node: &Node, g: u16) -> Vec<RecordVersion> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_four_groups_replicate_and_a_restarted_node_catches_up() {
+    let _serial = crate::node_tests::serial().await;
     let router = Router::default();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempdir()).collect();
     let paths: Vec<PathBuf> = dirs.iter().map(|d| d.path().to_path_buf()).collect();

@@ -438,6 +438,7 @@ async fn contents(node: &Node, g: u16) -> Vec<RecordVersion> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_groups_park_every_ticker_wake_on_writes_and_re_elect_when_their_leader_node_dies() {
+    let _serial = crate::node_tests::serial().await;
     let hub = Arc::new(Hub::default());
     let router = hub.router.clone();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempdir()).collect();

@@ -39,6 +39,10 @@ pub const INSTALL_SNAPSHOT_TIMEOUT_MS_DEFAULT: u64 = 600_000;
 const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
 /// Entries a group purges at once (a shared log purges logically, so batching is cheap).
 const PURGE_BATCH_ENTRIES: u64 = 256;
+/// Groups initialized at once by [`ReplicaNode::bootstrap`].
+const BOOTSTRAP_CONCURRENCY: usize = 256;
+/// Groups stopped at once by [`ReplicaNode::shutdown`].
+const SHUTDOWN_CONCURRENCY: usize = 256;
 /// Expired (or evictable) records proposed for removal per background round.
 const EXPIRY_BATCH_RECORDS: usize = 1_000;
 /// Entries appended to a group's log between two snapshots it builds on its own.
@@ -228,19 +232,30 @@ impl ReplicaNode {
     /// a group stands for election at once, so leaders start where the placement wants them.
     /// Safe to call on every start: returns how many groups it initialized.
     pub async fn bootstrap(&self) -> io::Result<usize> {
+        let mine: Vec<&Group> =
+            self.groups().filter(|g| self.inner.placement.preferred_leader(g.partition()) == self.inner.id).collect();
         let mut initialized = 0;
-        for group in self.groups() {
-            let pid = group.partition();
-            if self.inner.placement.preferred_leader(pid) != self.inner.id {
-                continue;
-            }
-            let members: BTreeMap<u64, BasicNode> =
-                self.inner.placement.replicas(pid).into_iter().map(|id| (id, BasicNode::new(id))).collect();
-            match group.raft().initialize(members).await {
-                Ok(()) => initialized += 1,
-                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {} // already has a log or a vote
-                Err(e) => {
-                    return Err(io::Error::other(format!("partition {}: initializing its group: {e}", pid.get())));
+        // Concurrently, a bounded number at a time: each initialization waits for its
+        // membership entry to be flushed, and the shared log commits them together.
+        for chunk in mine.chunks(BOOTSTRAP_CONCURRENCY) {
+            let results = futures_util::future::join_all(chunk.iter().map(|group| {
+                let members: BTreeMap<u64, BasicNode> = self
+                    .inner
+                    .placement
+                    .replicas(group.partition())
+                    .into_iter()
+                    .map(|id| (id, BasicNode::new(id)))
+                    .collect();
+                async move { (group.partition(), group.raft().initialize(members).await) }
+            }))
+            .await;
+            for (pid, result) in results {
+                match result {
+                    Ok(()) => initialized += 1,
+                    Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {} // already has a log or a vote
+                    Err(e) => {
+                        return Err(io::Error::other(format!("partition {}: initializing its group: {e}", pid.get())));
+                    }
                 }
             }
         }
@@ -392,16 +407,17 @@ impl ReplicaNode {
     /// durable; the engine and the log stay open for the caller to close.
     pub async fn shutdown(&self) -> io::Result<()> {
         self.inner.stopping.store(true, Ordering::Release);
-        for group in self.groups() {
-            group
-                .raft()
-                .shutdown()
-                .await
-                .map_err(|e| io::Error::other(format!("partition {}: stopping: {e}", group.partition().get())))?;
+        let groups: Vec<&Group> = self.groups().collect();
+        for chunk in groups.chunks(SHUTDOWN_CONCURRENCY) {
+            let results = futures_util::future::join_all(
+                chunk.iter().map(|g| async move { (g.partition(), g.raft().shutdown().await) }),
+            )
+            .await;
+            for (pid, result) in results {
+                result.map_err(|e| io::Error::other(format!("partition {}: stopping: {e}", pid.get())))?;
+            }
         }
-        for group in self.groups() {
-            group.state_machine().persist().await?;
-        }
-        Ok(())
+        let machines: Vec<PartitionStateMachine> = self.groups().map(|g| g.state_machine().clone()).collect();
+        PartitionStateMachine::persist_all(&machines).await
     }
 }

@@ -25,6 +25,16 @@ use crate::placement::Placement;
 use crate::sm_tests::{engine_config, log_options, tempdir};
 use crate::state_machine::SmOptions;
 
+/// Held by every in-process cluster test of the crate for its whole run: they are sensitive to
+/// timing (elections, leases, hibernation), and one of them runs 12,288 Raft replicas, so they
+/// run one at a time while the cheap tests run beside them.
+static CLUSTER_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits for the other cluster tests of the crate to finish (see [`CLUSTER_TESTS`]).
+pub(crate) async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    CLUSTER_TESTS.lock().await
+}
+
 /// Start of the test clocks (2027-01-15).
 const T0_MS: u64 = 1_800_000_000_000;
 
@@ -76,8 +86,17 @@ impl Cluster {
             background: BTreeMap::new(),
             _guards: guards,
         };
+        // Every node's groups exist before any stands for election, as in a cluster whose
+        // nodes start together.
         for id in 1..=3 {
-            c.start_node(id).await;
+            c.open_node(id).await;
+        }
+        for id in 1..=3 {
+            let t = Instant::now();
+            let n = c.nodes[&id].bootstrap().await.unwrap();
+            if n > 100 {
+                eprintln!("node {id}: {n} groups bootstrapped in {:?}", t.elapsed());
+            }
         }
         c
     }
@@ -90,7 +109,14 @@ impl Cluster {
         e
     }
 
+    /// Opens node `id` and bootstraps the groups it is the preferred leader of.
     pub async fn start_node(&mut self, id: u64) {
+        self.open_node(id).await;
+        self.nodes[&id].bootstrap().await.unwrap();
+    }
+
+    /// Opens node `id` (and its background loop when hibernating), without bootstrapping.
+    pub async fn open_node(&mut self, id: u64) {
         let dir = self.dirs[&id].clone();
         let engine = Engine::open(self.engine_config(id)).unwrap();
         let (log, _) = SharedLog::open(log_options(&dir)).unwrap();
@@ -114,12 +140,9 @@ impl Cluster {
             let period = Duration::from_millis(self.timers.heartbeat_ms);
             self.background.insert(id, node.spawn_background(period, Duration::from_secs(3600)));
         }
-        let n = node.bootstrap().await.unwrap();
-        eprintln!(
-            "node {id}: {} groups opened in {opened:?}, {n} bootstrapped after {:?}",
-            node.groups().count(),
-            t.elapsed()
-        );
+        if node.groups().count() > 100 {
+            eprintln!("node {id}: {} groups opened in {opened:?}", node.groups().count());
+        }
         self.nodes.insert(id, node);
     }
 
@@ -133,10 +156,22 @@ impl Cluster {
         node.engine().close().unwrap();
     }
 
+    /// Stops every node at once (one by one, the survivors would re-elect thousands of groups
+    /// each time).
     pub async fn stop_all(&mut self) {
-        let ids: Vec<u64> = self.nodes.keys().copied().collect();
-        for id in ids {
-            self.stop_node(id).await;
+        let nodes = std::mem::take(&mut self.nodes);
+        for id in nodes.keys() {
+            self.loopback.unregister_node(*id);
+        }
+        let results = futures_util::future::join_all(nodes.values().map(|n| n.shutdown())).await;
+        for r in results {
+            r.unwrap();
+        }
+        for (id, node) in nodes {
+            if let Some(b) = self.background.remove(&id) {
+                b.await.unwrap();
+            }
+            node.engine().close().unwrap();
         }
     }
 
@@ -245,6 +280,7 @@ pub(crate) fn pids(n: u16) -> Vec<PartitionId> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_rules_chain_same_key_writes_rise_luts_and_never_log_refusals() {
+    let _serial = serial().await;
     // Node 2's clock is an hour behind node 1's: leadership moving there must not make
     // last-update times go back.
     let mut c = Cluster::start(pids(4), fast_timers(), [3_600_000, 0, 1_800_000]).await;
@@ -362,6 +398,7 @@ pub(crate) async fn assert_identical(c: &Cluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_change_with_writes_in_flight_applies_each_write_once_or_reports_it() {
+    let _serial = serial().await;
     let mut c = Cluster::start(pids(2), fast_timers(), [0, 0, 0]).await;
     let pid = PartitionId::new(0).unwrap();
     let d = digest_in(pid, 1);
@@ -441,8 +478,10 @@ async fn write_everywhere(c: &Cluster, round: u32, parallel: usize) -> Vec<Diges
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_4096_groups_elect_replicate_and_a_restarted_node_catches_up() {
+    let _serial = serial().await;
     let start = Instant::now();
-    let mut c = Cluster::start(PartitionId::all().collect(), RaftTimers::default(), [0, 0, 0]).await;
+    let sleep = SleepConfig { idle_after: Duration::from_secs(5), ..SleepConfig::default() };
+    let mut c = Cluster::start_with(PartitionId::all().collect(), RaftTimers::default(), [0, 0, 0], Some(sleep)).await;
     let started = start.elapsed();
     loop {
         let (per_node, led) = leader_counts(&c);
@@ -492,6 +531,7 @@ async fn wait_all_asleep(c: &Cluster, within: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_groups_sleep_wake_on_a_write_and_re_elect_when_their_leaders_node_is_lost() {
+    let _serial = serial().await;
     let mut c = Cluster::start_with(pids(6), fast_timers(), [0, 0, 0], Some(quick_sleep())).await;
     for &pid in &c.partitions.clone() {
         let l = c.leader(pid, Duration::from_secs(20)).await.unwrap();

@@ -384,6 +384,35 @@ impl PartitionStateMachine {
         self.persist_locked(&mut st).await
     }
 
+    /// [`PartitionStateMachine::persist`] for many groups of one engine at once: one barrier and
+    /// one metadata write for every applied id that moved (instead of one each), then the side
+    /// files that changed. For a node's shutdown, after its groups stopped applying.
+    pub async fn persist_all(machines: &[PartitionStateMachine]) -> io::Result<()> {
+        let Some(first) = machines.first() else { return Ok(()) };
+        let engine = first.shared.engine.clone();
+        let mut states = Vec::with_capacity(machines.len());
+        for m in machines {
+            assert!(m.shared.engine.same_as(&engine), "persist_all takes the groups of one engine");
+            states.push(m.shared.state.lock().await);
+        }
+        let mut values = Vec::new();
+        for (m, st) in machines.iter().zip(&states) {
+            if !m.shared.gate.is_installing() && st.durable_applied != st.applied {
+                values.push((m.shared.pid, encode_applied(st.applied)));
+            }
+        }
+        if !values.is_empty() {
+            engine.set_partition_values(values).await.map_err(engine_err("persisting the applied ids"))?;
+        }
+        for (m, st) in machines.iter().zip(states.iter_mut()) {
+            if !m.shared.gate.is_installing() {
+                st.durable_applied = st.applied;
+                m.persist_locked(st).await?; // the side file, if it changed
+            }
+        }
+        Ok(())
+    }
+
     /// The applied id first (the engine barriers before it), then the side file if it changed:
     /// the file never names anything beyond the durable applied id.
     ///
@@ -587,6 +616,40 @@ mod tests {
         }
         assert!(decode_applied(pid, &[VALUE_INSTALLING]).is_err());
         assert!(decode_applied(pid, &[VALUE_APPLIED, 1, 2]).is_err());
+    }
+
+    /// docs/FORMAT.md ("Partition group applied id", "Partition group side file") states what
+    /// the code writes.
+    #[test]
+    fn the_format_doc_matches_the_applied_id_and_side_file() {
+        let doc = include_str!("../../docs/FORMAT.md");
+        let section = |title: &str| -> Vec<(usize, usize, String)> {
+            let start = doc.find(&format!("## {title}\n")).unwrap_or_else(|| panic!("no section {title}"));
+            let rest = &doc[start + title.len() + 4..];
+            let body = &rest[..rest.find("\n## ").unwrap_or(rest.len())];
+            body.lines()
+                .filter_map(|l| {
+                    let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                    let offset = cells.get(1)?.parse().ok()?;
+                    let size = cells.get(2)?.parse().unwrap_or(0);
+                    Some((offset, size, cells.get(3)?.trim_matches('`').to_owned()))
+                })
+                .collect()
+        };
+        let applied = section("Partition group applied id");
+        assert_eq!(applied, vec![(0, 1, "kind".to_owned()), (1, 8, "term".to_owned()), (9, 8, "index".to_owned())]);
+        let v = encode_applied(Some(LogId::new_term_index(0x0102, 0x0304)));
+        assert_eq!(v.len(), 17);
+        assert_eq!(v[0], VALUE_APPLIED);
+        assert_eq!(v[0], 1);
+        assert_eq!(VALUE_INSTALLING, 2);
+        assert_eq!(&v[1..9], &0x0102u64.to_le_bytes());
+        assert_eq!(&v[9..17], &0x0304u64.to_le_bytes());
+        let side = section("Partition group side file");
+        assert_eq!(side[..2], [(0, 4, "magic".to_owned()), (4, 8, "checksum".to_owned())]);
+        assert_eq!(side[2].0, 12);
+        assert!(doc.contains(&format!("0x{SIDE_FILE_MAGIC:08x}")));
+        assert_eq!(side_path(Path::new("/d"), PartitionId::new(7).unwrap()), Path::new("/d/membership-7.bin"));
     }
 
     #[test]
