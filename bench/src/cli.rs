@@ -19,10 +19,14 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 pub enum Command {
     /// Measure the device with fio (the physical limit) and Peregrine on the same file, in the
     /// same run, and print Peregrine's figures as ratios of fio's.
     Physical(RunArgs),
+    /// An in-process 3-node replicated cluster: time to elect every group's leader, replicated
+    /// writes (throughput, latency, fsyncs and log bytes), idle CPU and RSS with hibernation.
+    Replicated(crate::replicated::ReplicatedArgs),
 }
 
 /// What to run.

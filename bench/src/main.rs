@@ -4,6 +4,7 @@
 mod cli;
 mod physical;
 mod plot;
+mod replicated;
 mod report;
 mod run;
 mod summary;
@@ -157,10 +158,14 @@ fn canonical() -> Result<ExitCode, String> {
 }
 
 fn main() -> ExitCode {
+    // openraft warns about every failed RPC; thousands of groups at start and shutdown make
+    // that a flood, so `replicated` shows only its errors unless RUST_LOG says otherwise.
+    let default_filter =
+        if std::env::args().nth(1).as_deref() == Some("replicated") { "warn,openraft=error" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -175,6 +180,15 @@ fn main() -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }),
+            Some(Command::Replicated(args)) => {
+                let json = args.json;
+                replicated::replicated(args).map(|v| {
+                    if json {
+                        println!("{v}");
+                    }
+                    ExitCode::SUCCESS
+                })
+            }
             None => run_workload(&cli.run),
         }
     };
