@@ -35,15 +35,20 @@ pub fn cpu_busy_pct(secs: f64) -> Option<f64> {
 }
 
 fn fio(path: &Path, size: u64, secs: f64, job: &[&str]) -> Result<Value, String> {
-    let out = Command::new("fio")
+    let mut command = Command::new("fio");
+    command
         .args(["--name=peregrine-physical", "--ioengine=io_uring", "--direct=1", "--randrepeat=0", "--norandommap"])
         .args(["--lat_percentiles=1", "--output-format=json", "--time_based", "--ramp_time=1"])
         .arg(format!("--runtime={}", secs.ceil() as u64))
         .arg(format!("--filename={}", path.display()))
         .arg(format!("--size={size}"))
-        .args(job)
-        .output()
-        .map_err(|e| format!("cannot run fio ({e}); install it (apt-get install fio)"))?;
+        .args(job);
+    fio_json(command)
+}
+
+/// Runs a prepared fio command (with `--output-format=json`) and returns its JSON report.
+pub(crate) fn fio_json(mut command: Command) -> Result<Value, String> {
+    let out = command.output().map_err(|e| format!("cannot run fio ({e}); install it (apt-get install fio)"))?;
     if !out.status.success() {
         return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
     }

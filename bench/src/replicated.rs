@@ -822,20 +822,14 @@ fn fio_fsync(dir: &Path) -> Result<Value, String> {
     std::fs::create_dir_all(&scratch).map_err(|e| format!("creating {}: {e}", scratch.display()))?;
     let run = |jobs: u32| -> Result<Value, String> {
         eprintln!("# fio: 4 KiB O_DIRECT write + fdatasync, QD 1, 22 MiB, {jobs} job(s)");
-        let out = Command::new("fio")
+        let mut command = Command::new("fio");
+        command
             .args(["--name=w", "--rw=write", "--bs=4k", "--size=22m", "--iodepth=1", "--fdatasync=1"])
             .args(["--ioengine=io_uring", "--direct=1", "--lat_percentiles=1", "--randrepeat=0", "--norandommap"])
             .args(["--group_reporting", "--output-format=json"])
             .arg(format!("--numjobs={jobs}"))
-            .arg(format!("--directory={}", scratch.display()))
-            .output()
-            .map_err(|e| format!("cannot run fio ({e}); install it (apt-get install fio)"))?;
-        if !out.status.success() {
-            return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let start = text.find('{').ok_or("fio printed no JSON")?;
-        let v: Value = serde_json::from_str(&text[start..]).map_err(|e| format!("fio output: {e}"))?;
+            .arg(format!("--directory={}", scratch.display()));
+        let v = crate::physical::fio_json(command)?;
         let job = &v["jobs"][0];
         let sync = &job["sync"]["lat_ns"]["percentile"];
         let us = |k: &str| sync[k].as_f64().unwrap_or(0.0) / 1000.0;
