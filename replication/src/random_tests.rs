@@ -42,7 +42,7 @@ use peregrine_engine::{Applied, Bin, BinSelection, Change, PartitionId, Value};
 use crate::group::{Group, WriteError};
 use crate::hibernate::SleepConfig;
 use crate::node::ReplicaNode;
-use crate::node_tests::{Cluster, assert_identical, digest_in, fast_timers, increment, pids, put, quick_sleep};
+use crate::node_tests::{Cluster, assert_identical, digest_in, fast_timers, increment, pids, put, quick_sleep, serial};
 
 /// Partitions of a run.
 const PARTITIONS: u16 = 8;
@@ -725,17 +725,19 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-/// The two runs share the two cores one after the other.
-static SERIAL: Mutex<()> = Mutex::new(());
+// Both runs take the crate's cluster-test lock: they run one at a time, and never beside
+// another in-process cluster test.
 
 #[test]
 fn seeded_writes_restarts_isolations_transfers_snapshots_and_expiry_keep_the_model() {
-    let _serial = lock(&SERIAL);
-    runtime().block_on(run("random run", None));
+    let rt = runtime();
+    let _serial = rt.block_on(serial());
+    rt.block_on(run("random run", None));
 }
 
 #[test]
 fn seeded_run_with_hibernation_keeps_the_model() {
-    let _serial = lock(&SERIAL);
-    runtime().block_on(run("random run, hibernation on", Some(quick_sleep())));
+    let rt = runtime();
+    let _serial = rt.block_on(serial());
+    rt.block_on(run("random run, hibernation on", Some(quick_sleep())));
 }
