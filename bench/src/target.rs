@@ -6,6 +6,7 @@ use peregrine_engine::{
     Bin, BinName, BinSelection, Digest, Engine, EngineStats, Error, KeyRef, RecordExists, Ttl, Value, WritePolicy,
 };
 use peregrine_proto::client::{Client, ClientError, WireBin, WriteMode};
+use peregrine_proto::consts::result;
 
 /// Kinds of failed operations, as reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -18,6 +19,8 @@ pub enum ErrorKind {
     Overload,
     /// The operation timed out.
     Timeout,
+    /// The partition was unavailable: result 11, or no known node held it.
+    Unavailable,
     /// Generation condition failed.
     Generation,
     /// Corrupt data was detected.
@@ -32,11 +35,12 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in report order.
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::NotFound,
         ErrorKind::DeviceFull,
         ErrorKind::Overload,
         ErrorKind::Timeout,
+        ErrorKind::Unavailable,
         ErrorKind::Generation,
         ErrorKind::Corruption,
         ErrorKind::Io,
@@ -51,6 +55,7 @@ impl ErrorKind {
             ErrorKind::DeviceFull => "device_full",
             ErrorKind::Overload => "overload",
             ErrorKind::Timeout => "timeout",
+            ErrorKind::Unavailable => "unavailable",
             ErrorKind::Generation => "generation",
             ErrorKind::Corruption => "corruption",
             ErrorKind::Io => "io",
@@ -67,14 +72,16 @@ impl ErrorKind {
     fn of_client(e: &ClientError) -> ErrorKind {
         match e {
             ClientError::Result(code) => match *code {
-                2 => ErrorKind::NotFound,
-                3 => ErrorKind::Generation,
-                8 => ErrorKind::DeviceFull,
-                9 => ErrorKind::Timeout,
-                14 | 18 => ErrorKind::Overload,
+                result::KEY_NOT_FOUND => ErrorKind::NotFound,
+                result::GENERATION => ErrorKind::Generation,
+                result::SERVER_FULL => ErrorKind::DeviceFull,
+                result::TIMEOUT => ErrorKind::Timeout,
+                result::PARTITION_UNAVAILABLE => ErrorKind::Unavailable,
+                result::KEY_BUSY | result::DEVICE_OVERLOAD => ErrorKind::Overload,
                 _ => ErrorKind::Other,
             },
             ClientError::Timeout => ErrorKind::Timeout,
+            ClientError::NoNode { .. } => ErrorKind::Unavailable,
             ClientError::Io(_) => ErrorKind::Io,
             ClientError::Protocol(_) => ErrorKind::Other,
         }
@@ -252,4 +259,24 @@ fn to_wire(bins: &[Bin]) -> Vec<WireBin> {
             (b.name.as_bytes().to_vec(), pt, bytes)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_errors_sort_into_kinds() {
+        let kind = |e: ClientError| ErrorKind::of_client(&e);
+        assert_eq!(kind(ClientError::Result(result::PARTITION_UNAVAILABLE)), ErrorKind::Unavailable);
+        assert_eq!(kind(ClientError::NoNode { namespace: "test".into(), partition: 7 }), ErrorKind::Unavailable);
+        assert_eq!(kind(ClientError::Result(result::TIMEOUT)), ErrorKind::Timeout);
+        assert_eq!(kind(ClientError::Timeout), ErrorKind::Timeout);
+        assert_eq!(kind(ClientError::Result(result::KEY_BUSY)), ErrorKind::Overload);
+        assert_eq!(kind(ClientError::Result(result::DEVICE_OVERLOAD)), ErrorKind::Overload);
+        assert_eq!(kind(ClientError::Result(result::CLUSTER_KEY_MISMATCH)), ErrorKind::Other);
+        assert_eq!(kind(ClientError::Io(std::io::ErrorKind::ConnectionRefused.into())), ErrorKind::Io);
+        assert_eq!(ErrorKind::Unavailable.name(), "unavailable");
+        assert!(ErrorKind::ALL.iter().enumerate().all(|(i, k)| k.index() == i));
+    }
 }

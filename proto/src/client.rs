@@ -1,20 +1,39 @@
-//! A small async client for the Aerospike wire protocol (the bench tool's `--hosts` mode):
-//! discovers the cluster from seed nodes (`node`, `peers-clear-std`, `replicas`), routes each key
-//! to the node that masters its partition, pools connections per node, and bounds every
-//! operation by a timeout (a timed-out connection is dropped, never reused mid-reply).
+//! A small async client for the Aerospike wire protocol (the bench tool's `--hosts` mode and
+//! the restore tool): discovers the cluster from seed nodes, keeps its view current with a
+//! background tend (`tend.rs`: peers and partition maps re-read when their generations change,
+//! new nodes connected, dead ones dropped), routes each key to the node that holds its
+//! partition (`cluster.rs`: the partition tables, regimes, the info answers' parsers), pools
+//! connections per node, and bounds every command by a time budget.
+//!
+//! Retries, within the budget: a read answered "partition unavailable" (11), failing on its
+//! connection, or timing out goes again to the next replica (AP namespaces) or to the master
+//! after a map refresh (strong consistency: reads go to the master only). A write is retried
+//! only when it provably never reached a server (the connection could not be opened, or the
+//! request could not be written whole); once sent, a lost connection or a timeout leaves it in
+//! doubt and is reported, as is a write's 11. Every failure asks the tender for a refresh.
+//!
+//! Commands read the cluster view through one `RwLock<Arc<View>>`, held only to look up the
+//! node: no other lock on the data path but the node's connection pool, as before.
+
+mod cluster;
+mod tend;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use crate::consts::{PROTO_BODY_BYTES_MAX, TTL_NEVER_EXPIRE, field, info1, info2, info3, msg_type, op, result};
 use crate::decode::{MsgHeader, ProtoHeader, decode_message};
 use crate::encode::{begin_frame, end_frame, put_field, put_msg_header, put_op};
 use crate::info::parse_request;
+use cluster::PartitionTable;
+use tend::Tender;
 
 /// A bin as the client sees it: name, particle type, value bytes.
 pub type WireBin = (Vec<u8>, u8, Vec<u8>);
@@ -25,7 +44,7 @@ pub enum ClientError {
     /// The server answered with a non-zero result code.
     #[error("server result code {0}")]
     Result(u8),
-    /// The operation did not finish in time.
+    /// The operation did not finish in time (for a write: it may or may not have been applied).
     #[error("timed out")]
     Timeout,
     /// Socket error.
@@ -34,6 +53,14 @@ pub enum ClientError {
     /// The reply could not be understood, or the cluster could not be discovered.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// No known node holds the key's partition (the client-side "partition unavailable").
+    #[error("no node holds partition {partition} of namespace {namespace}")]
+    NoNode {
+        /// The namespace.
+        namespace: String,
+        /// The partition.
+        partition: u16,
+    },
 }
 
 /// The outcome of a write.
@@ -45,23 +72,107 @@ pub enum WriteMode {
     Replace,
 }
 
-#[derive(Debug)]
-struct Node {
-    addr: SocketAddr,
-    pool: Mutex<Vec<Conn>>,
+/// Time between tends (the C client's default).
+pub const TEND_INTERVAL: Duration = Duration::from_secs(1);
+/// Budget of one node's info request during a tend (the C client's default).
+pub const TEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// By default a read attempt gets this share of the command's budget, so a stalled node
+/// leaves time to ask a replica.
+const READ_ATTEMPTS_PER_BUDGET: u32 = 2;
+/// First wait before a command tries the same node again (the map needs a tend to change).
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest wait between two attempts on the same node.
+const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(100);
+/// Read buffer of a data connection: a reply usually takes one system call.
+const CONN_BUFFER_BYTES: usize = 16 * 1024;
+/// Offset of the result code in an AS_MSG header (header size, info1..info4, result code).
+const RESULT_CODE_OFFSET: usize = 5;
+
+/// How a client times commands and tends the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Budget of one command, retries included (and of a whole batch).
+    pub total_timeout: Duration,
+    /// Longest one read attempt may take before it is tried again (capped by what remains of
+    /// the budget). A write attempt gets all that remains: a write that times out is in doubt
+    /// and is not retried.
+    pub read_attempt_timeout: Duration,
+    /// Time between tends.
+    pub tend_interval: Duration,
+    /// Budget of one node's info request during a tend.
+    pub tend_timeout: Duration,
 }
 
-/// A connected client.
+impl ClientOptions {
+    /// Commands bounded by `total_timeout`, reads attempted for half of it, tends every
+    /// [`TEND_INTERVAL`].
+    pub fn new(total_timeout: Duration) -> ClientOptions {
+        ClientOptions {
+            total_timeout,
+            read_attempt_timeout: total_timeout / READ_ATTEMPTS_PER_BUDGET,
+            tend_interval: TEND_INTERVAL,
+            tend_timeout: TEND_TIMEOUT,
+        }
+    }
+}
+
+/// A node of the cluster: its name, address, data connections and tend connection.
+#[derive(Debug)]
+struct Node {
+    name: String,
+    addr: SocketAddr,
+    pool: Mutex<Vec<Conn>>,
+    tend_conn: Mutex<Option<Conn>>,
+}
+
+impl Node {
+    fn new(name: String, addr: SocketAddr) -> Node {
+        Node { name, addr, pool: Mutex::new(Vec::new()), tend_conn: Mutex::new(None) }
+    }
+}
+
+/// The cluster as commands see it; the tender publishes a new one when anything changes.
+#[derive(Debug, Default)]
+struct View {
+    /// Partition table per namespace.
+    tables: HashMap<String, PartitionTable>,
+    /// The nodes known.
+    nodes: Vec<Arc<Node>>,
+}
+
+/// What the client and its tender share.
+#[derive(Debug)]
+struct Shared {
+    options: ClientOptions,
+    seeds: Vec<SocketAddr>,
+    view: RwLock<Arc<View>>,
+    /// Commands that failed in a way a newer map might fix ask for an early tend here.
+    refresh: Notify,
+    /// Tends completed.
+    tends: AtomicU64,
+}
+
+/// A connected client. Dropping it stops its tender.
 #[derive(Debug)]
 pub struct Client {
-    nodes: Vec<Arc<Node>>,
-    /// namespace → node index per partition.
-    partitions: HashMap<String, Vec<u16>>,
-    timeout: Duration,
+    shared: Arc<Shared>,
+    tender: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.tender.abort();
+    }
 }
 
 /// A pooled connection: buffered reads, so a reply usually takes one system call.
 type Conn = tokio::io::BufReader<TcpStream>;
+
+async fn open(addr: SocketAddr) -> Result<Conn, ClientError> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    Ok(tokio::io::BufReader::with_capacity(CONN_BUFFER_BYTES, s))
+}
 
 async fn send(stream: &mut Conn, frame: &[u8]) -> Result<Vec<u8>, ClientError> {
     stream.get_mut().write_all(frame).await?;
@@ -115,104 +226,158 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Parses the peers list of `peers-clear-std`: `gen,port,[[id,tls,[host:port,...]],...]`.
-fn parse_peers(value: &str) -> Vec<String> {
-    let Some((_, rest)) = value.split_once(',') else { return Vec::new() };
-    let Some((default_port, list)) = rest.split_once(',') else { return Vec::new() };
-    let mut out = Vec::new();
-    // Each peer's address list is the innermost bracketed group.
-    for group in list.split('[').filter_map(|g| g.split_once(']').map(|(inner, _)| inner)) {
-        if group.contains(',') && !group.contains(':') {
-            continue;
+/// The partition of a digest: `(digest[0] | digest[1] << 8) & 4095`.
+fn partition_of(digest: &[u8; 20]) -> usize {
+    usize::from((u16::from(digest[0]) | (u16::from(digest[1]) << 8)) & 0xFFF)
+}
+
+/// Why one attempt failed, and whether the request may have reached the server.
+#[derive(Debug)]
+struct Failure {
+    error: ClientError,
+    /// False only when the request provably was not delivered whole (connect or write failed).
+    sent: bool,
+}
+
+/// One attempt on one node, bounded by `limit`. A connection that failed or timed out is
+/// dropped, never reused mid-reply; an I/O failure also empties the node's pool (its other
+/// idle connections most likely died with it).
+async fn attempt_on(node: &Node, frame: &[u8], limit: Duration) -> Result<Vec<u8>, Failure> {
+    let pooled = node.pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
+    let run = async {
+        let mut s = match pooled {
+            Some(s) => s,
+            None => open(node.addr).await.map_err(|error| Failure { error, sent: false })?,
+        };
+        if let Err(e) = s.get_mut().write_all(frame).await {
+            return Err(Failure { error: e.into(), sent: false });
         }
-        for addr in group.split(',').filter(|a| !a.is_empty()) {
-            if addr.contains(':') { out.push(addr.to_string()) } else { out.push(format!("{addr}:{default_port}")) }
+        let reply = read_frame(&mut s).await.map_err(|error| Failure { error, sent: true })?;
+        Ok((s, reply))
+    };
+    match tokio::time::timeout(limit, run).await {
+        Err(_) => Err(Failure { error: ClientError::Timeout, sent: true }),
+        Ok(Err(f)) => {
+            if matches!(f.error, ClientError::Io(_)) {
+                node.pool.lock().unwrap_or_else(PoisonError::into_inner).clear();
+            }
+            Err(f)
+        }
+        Ok(Ok((s, reply))) => {
+            node.pool.lock().unwrap_or_else(PoisonError::into_inner).push(s);
+            Ok(reply)
         }
     }
-    out
 }
 
 impl Client {
-    /// Discovers the cluster through `seeds`.
+    /// Discovers the cluster through `seeds`; commands are bounded by `timeout`.
     pub async fn connect(seeds: &[SocketAddr], timeout: Duration) -> Result<Client, ClientError> {
-        let mut addrs: Vec<SocketAddr> = Vec::new();
-        let mut queue: Vec<SocketAddr> = seeds.to_vec();
-        let mut ids: HashMap<String, SocketAddr> = HashMap::new();
-        let mut replicas: Vec<(SocketAddr, String)> = Vec::new();
-        while let Some(addr) = queue.pop() {
-            if addrs.contains(&addr) {
-                continue;
-            }
-            let Ok(Ok(s)) = tokio::time::timeout(timeout, TcpStream::connect(addr)).await else { continue };
-            let mut s = tokio::io::BufReader::new(s);
-            let answers = tokio::time::timeout(timeout, info_on(&mut s, &["node", "peers-clear-std", "replicas"]))
-                .await
-                .map_err(|_| ClientError::Timeout)??;
-            let id = answers.get("node").cloned().unwrap_or_default();
-            if ids.insert(id, addr).is_some() {
-                continue;
-            }
-            addrs.push(addr);
-            for peer in parse_peers(answers.get("peers-clear-std").map_or("", String::as_str)) {
-                if let Ok(a) = peer.parse() {
-                    queue.push(a);
-                }
-            }
-            replicas.push((addr, answers.get("replicas").cloned().unwrap_or_default()));
-        }
-        if addrs.is_empty() {
+        Self::connect_with(seeds, ClientOptions::new(timeout)).await
+    }
+
+    /// Discovers the cluster through `seeds` (one full tend: every node reachable through the
+    /// peer lists, their partition maps) and starts the background tender on the current
+    /// tokio runtime.
+    pub async fn connect_with(seeds: &[SocketAddr], options: ClientOptions) -> Result<Client, ClientError> {
+        let shared = Arc::new(Shared {
+            options,
+            seeds: seeds.to_vec(),
+            view: RwLock::new(Arc::new(View::default())),
+            refresh: Notify::new(),
+            tends: AtomicU64::new(0),
+        });
+        let mut tender = Tender::default();
+        tender.tend(&shared).await;
+        if shared.view.read().unwrap_or_else(PoisonError::into_inner).nodes.is_empty() {
             return Err(ClientError::Protocol(format!("no seed answered: {seeds:?}")));
         }
-        let mut partitions: HashMap<String, Vec<u16>> = HashMap::new();
-        for (node_index, (_, text)) in replicas.iter().enumerate() {
-            for ns_part in text.split(';').filter(|s| !s.is_empty()) {
-                let Some((ns, rest)) = ns_part.split_once(':') else { continue };
-                // `<regime>,<replica count>,<master bitmap>,...`
-                let Some(master) = rest.split(',').nth(2).and_then(base64_decode) else { continue };
-                let map = partitions.entry(ns.to_string()).or_insert_with(|| vec![u16::MAX; 4096]);
-                for (p, slot) in map.iter_mut().enumerate() {
-                    if master.get(p >> 3).is_some_and(|b| b & (0x80 >> (p & 7)) != 0) {
-                        *slot = node_index as u16;
+        let tender = tokio::spawn(tender.run(shared.clone()));
+        Ok(Client { shared, tender })
+    }
+
+    /// Number of nodes known.
+    pub fn node_count(&self) -> usize {
+        self.view().nodes.len()
+    }
+
+    /// Names of the nodes known.
+    pub fn node_names(&self) -> Vec<String> {
+        self.view().nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    fn view(&self) -> Arc<View> {
+        self.shared.view.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Asks the tender for an early tend (it coalesces requests and keeps them
+    /// [`tend::REFRESH_GAP_MIN`] apart).
+    fn request_refresh(&self) {
+        self.shared.refresh.notify_one();
+    }
+
+    /// The node for attempt `attempt` on partition `p`: the master when `master_only` (writes)
+    /// and for every command on a strong-consistency namespace, otherwise the replicas in turn.
+    fn route(&self, namespace: &str, p: usize, attempt: u32, master_only: bool) -> Result<Arc<Node>, ClientError> {
+        let view = self.shared.view.read().unwrap_or_else(PoisonError::into_inner);
+        let table = view.tables.get(namespace).ok_or(ClientError::Result(result::NAMESPACE_NOT_FOUND))?;
+        table
+            .route(p, attempt, master_only || table.sc)
+            .cloned()
+            .ok_or_else(|| ClientError::NoNode { namespace: namespace.to_string(), partition: p as u16 })
+    }
+
+    /// Runs a single-record command within the budget, retrying where that is safe (see the
+    /// module doc). Returns the reply body, whatever its result code.
+    async fn execute(
+        &self,
+        namespace: &str,
+        digest: &[u8; 20],
+        frame: &[u8],
+        write: bool,
+    ) -> Result<Vec<u8>, ClientError> {
+        let options = &self.shared.options;
+        let deadline = Instant::now() + options.total_timeout;
+        let p = partition_of(digest);
+        let mut attempt: u32 = 0;
+        let mut backoff = RETRY_BACKOFF_MIN;
+        loop {
+            let (error, failed) = match self.route(namespace, p, attempt, write) {
+                Err(e @ ClientError::NoNode { .. }) => (e, None),
+                Err(e) => return Err(e),
+                Ok(node) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    let limit = if write { remaining } else { remaining.min(options.read_attempt_timeout) };
+                    match attempt_on(&node, frame, limit).await {
+                        Ok(reply) => match reply.get(RESULT_CODE_OFFSET) {
+                            Some(&code) if code == result::PARTITION_UNAVAILABLE && !write => {
+                                (ClientError::Result(code), Some(node))
+                            }
+                            _ => return Ok(reply),
+                        },
+                        Err(f) if write && f.sent => return Err(f.error),
+                        Err(f) => (f.error, Some(node)),
                     }
                 }
-            }
-        }
-        let nodes = addrs.into_iter().map(|addr| Arc::new(Node { addr, pool: Mutex::new(Vec::new()) })).collect();
-        Ok(Client { nodes, partitions, timeout })
-    }
-
-    /// Number of nodes found.
-    pub fn node_count(&self) -> usize {
-        self.nodes.len()
-    }
-
-    fn node_for(&self, namespace: &str, digest: &[u8; 20]) -> Result<Arc<Node>, ClientError> {
-        let pid = usize::from((u16::from(digest[0]) | (u16::from(digest[1]) << 8)) & 0xFFF);
-        let map = self.partitions.get(namespace).ok_or(ClientError::Result(result::NAMESPACE_NOT_FOUND))?;
-        let i = map[pid];
-        self.nodes.get(usize::from(i)).cloned().ok_or(ClientError::Protocol(format!("no node owns partition {pid}")))
-    }
-
-    async fn call(&self, node: &Node, frame: &[u8]) -> Result<Vec<u8>, ClientError> {
-        let pooled = node.pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        let run = async {
-            let mut s = match pooled {
-                Some(s) => s,
-                None => {
-                    let s = TcpStream::connect(node.addr).await?;
-                    s.set_nodelay(true)?;
-                    tokio::io::BufReader::with_capacity(16 * 1024, s)
-                }
             };
-            let reply = send(&mut s, frame).await?;
-            Ok::<_, ClientError>((s, reply))
-        };
-        match tokio::time::timeout(self.timeout, run).await {
-            Err(_) => Err(ClientError::Timeout),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok((s, reply))) => {
-                node.pool.lock().unwrap_or_else(PoisonError::into_inner).push(s);
-                Ok(reply)
+            self.request_refresh();
+            attempt = attempt.wrapping_add(1);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(error);
+            }
+            // Another node is tried at once; the same node again only after a wait, in which
+            // a tend may move the partition.
+            let same = match (&failed, self.route(namespace, p, attempt, write)) {
+                (Some(a), Ok(b)) => Arc::ptr_eq(a, &b),
+                _ => true,
+            };
+            if same {
+                tokio::time::sleep(backoff.min(remaining)).await;
+                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                if Instant::now() >= deadline {
+                    return Err(error);
+                }
             }
         }
     }
@@ -259,7 +424,10 @@ impl Client {
         self.put_with_key(namespace, set, digest, None, bins, mode, ttl_s).await
     }
 
-    /// Writes bins and stores the user key (particle type, bytes) with the record.
+    /// Writes bins and stores the user key (particle type, bytes) with the record, on the
+    /// partition's master. Retried (within the budget) only while the request provably never
+    /// reached a server; [`ClientError::Timeout`] or an I/O error after sending means the write
+    /// may or may not have been applied.
     #[allow(clippy::too_many_arguments, reason = "one write's parts")]
     pub async fn put_with_key(
         &self,
@@ -278,7 +446,7 @@ impl Client {
             ..MsgHeader::default()
         };
         let frame = Self::request(&header, namespace, set, digest, key, bins, op::WRITE);
-        let reply = self.call(&*self.node_for(namespace, digest)?, &frame).await?;
+        let reply = self.execute(namespace, digest, &frame, true).await?;
         let (m, _) = decode_message(&reply).map_err(|e| ClientError::Protocol(e.to_string()))?;
         match m.header.result_code {
             0 => Ok(()),
@@ -286,7 +454,9 @@ impl Client {
         }
     }
 
-    /// Reads all bins; `Ok(None)` when the record does not exist.
+    /// Reads all bins; `Ok(None)` when the record does not exist. Tried again on the next
+    /// replica (or, for strong consistency, on the master after a map refresh) after result 11,
+    /// a connection error or an attempt's timeout, within the budget.
     pub async fn get(
         &self,
         namespace: &str,
@@ -295,7 +465,7 @@ impl Client {
     ) -> Result<Option<Vec<WireBin>>, ClientError> {
         let header = MsgHeader { info1: info1::READ | info1::GET_ALL, ..MsgHeader::default() };
         let frame = Self::request(&header, namespace, set, digest, None, &[], op::READ);
-        let reply = self.call(&*self.node_for(namespace, digest)?, &frame).await?;
+        let reply = self.execute(namespace, digest, &frame, false).await?;
         let (m, _) = decode_message(&reply).map_err(|e| ClientError::Protocol(e.to_string()))?;
         match m.header.result_code {
             0 => Ok(Some(m.ops.iter().map(|o| (o.name.to_vec(), o.particle_type, o.value.to_vec())).collect())),
@@ -304,7 +474,8 @@ impl Client {
         }
     }
 
-    /// Reads several records with batch requests (one per node); results in key order.
+    /// Reads several records with batch requests (one per master node); results in key order.
+    /// Not retried: a failure is reported (and asks for a map refresh).
     pub async fn batch_get(
         &self,
         namespace: &str,
@@ -313,7 +484,7 @@ impl Client {
     ) -> Result<Vec<Option<Vec<WireBin>>>, ClientError> {
         let mut by_node: HashMap<SocketAddr, (Arc<Node>, Vec<usize>)> = HashMap::new();
         for (i, d) in digests.iter().enumerate() {
-            let node = self.node_for(namespace, d)?;
+            let node = self.route(namespace, partition_of(d), 0, true)?;
             by_node.entry(node.addr).or_insert_with(|| (node.clone(), Vec::new())).1.push(i);
         }
         let mut out: Vec<Option<Vec<WireBin>>> = digests.iter().map(|_| None).collect();
@@ -340,7 +511,10 @@ impl Client {
             put_msg_header(&mut buf, &MsgHeader { info1: info1::BATCH, n_fields: 1, ..MsgHeader::default() });
             put_field(&mut buf, field::BATCH_INDEX, &data);
             end_frame(&mut buf, start);
-            self.batch_call(&node, &buf, &mut out).await?;
+            if let Err(e) = self.batch_call(&node, &buf, &mut out).await {
+                self.request_refresh();
+                return Err(e);
+            }
         }
         Ok(out)
     }
@@ -350,7 +524,7 @@ impl Client {
         let run = async {
             let mut s = match pooled {
                 Some(s) => s,
-                None => tokio::io::BufReader::with_capacity(16 * 1024, TcpStream::connect(node.addr).await?),
+                None => open(node.addr).await?,
             };
             s.get_mut().write_all(frame).await?;
             loop {
@@ -375,7 +549,7 @@ impl Client {
                 }
             }
         };
-        match tokio::time::timeout(self.timeout, run).await {
+        match tokio::time::timeout(self.shared.options.total_timeout, run).await {
             Err(_) => Err(ClientError::Timeout),
             Ok(Err(e)) => Err(e),
             Ok(Ok(s)) => {
@@ -387,22 +561,4 @@ impl Client {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peers_and_base64() {
-        assert!(parse_peers("1,3000,[]").is_empty());
-        assert_eq!(
-            parse_peers("3,3000,[[BB9,,[10.0.0.2:3001]],[BB8,,[10.0.0.3]]]"),
-            vec!["10.0.0.2:3001".to_string(), "10.0.0.3:3000".to_string()]
-        );
-        assert_eq!(base64_decode("TWFu").unwrap(), b"Man");
-        assert_eq!(base64_decode("TWE=").unwrap(), b"Ma");
-        assert_eq!(base64_decode("TQ==").unwrap(), b"M");
-        // A full 4096-partition bitmap: 512 bytes of 0xFF is 684 characters with one pad.
-        let full = format!("{}//8=", "////".repeat(170));
-        assert_eq!(full.len(), 684);
-        assert_eq!(base64_decode(&full).unwrap(), vec![0xFF; 512]);
-    }
-}
+mod tests;
