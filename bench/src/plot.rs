@@ -1,9 +1,11 @@
-//! An SVG picture of a run: throughput over time (top) and latency percentiles over time on a
-//! log scale (bottom). Hand-written SVG: no plotting dependency.
+//! An SVG picture of a run: throughput over time (top), latency percentiles over time on a log
+//! scale, and, when the run had errors, errors per second by kind (bottom; not-found reads are
+//! not errors and are left out). Hand-written SVG: no plotting dependency.
 
 use std::fmt::Write;
 
 use crate::report::Point;
+use crate::target::ErrorKind;
 
 const WIDTH: f64 = 960.0;
 const PANEL_HEIGHT: f64 = 300.0;
@@ -11,6 +13,11 @@ const MARGIN_LEFT: f64 = 80.0;
 const MARGIN_RIGHT: f64 = 150.0;
 const MARGIN_TOP: f64 = 40.0;
 const GAP: f64 = 60.0;
+/// Below the last panel: the axis label.
+const MARGIN_BOTTOM: f64 = 50.0;
+/// Line colours of the error kinds, in [`ErrorKind::ALL`] order.
+const ERROR_COLORS: [&str; ErrorKind::ALL.len()] =
+    ["#7f7f7f", "#8c564b", "#ff7f0e", "#9467bd", "#e377c2", "#bcbd22", "#17becf", "#2ca02c", "#d62728", "#1f77b4"];
 
 struct Series<'a> {
     name: &'a str,
@@ -18,11 +25,26 @@ struct Series<'a> {
     values: Vec<(f64, f64)>,
 }
 
+/// The error kinds drawn: those with any error in the run, not-found aside.
+fn error_series(points: &[Point]) -> Vec<Series<'static>> {
+    ErrorKind::ALL
+        .iter()
+        .filter(|k| **k != ErrorKind::NotFound && points.iter().any(|p| p.errors_per_s[k.index()] > 0.0))
+        .map(|k| Series {
+            name: k.name(),
+            color: ERROR_COLORS.get(k.index()).copied().unwrap_or("#000000"),
+            values: points.iter().map(|p| (p.t, p.errors_per_s[k.index()])).collect(),
+        })
+        .collect()
+}
+
 /// Renders the points as an SVG document.
 pub fn render(title: &str, points: &[Point]) -> String {
     let t_max = points.iter().map(|p| p.t).fold(1.0, f64::max);
+    let errors = error_series(points);
+    let panels = if errors.is_empty() { 2.0 } else { 3.0 };
     let mut svg = String::new();
-    let height = MARGIN_TOP + 2.0 * PANEL_HEIGHT + GAP + 50.0;
+    let height = MARGIN_TOP + panels * PANEL_HEIGHT + (panels - 1.0) * GAP + MARGIN_BOTTOM;
     let _ = writeln!(
         svg,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="12">"#
@@ -44,6 +66,9 @@ pub fn render(title: &str, points: &[Point]) -> String {
         Series { name: "write p99.9", color: "#fcbba1", values: pick(|p| p.write_us[2]) },
     ];
     panel(&mut svg, MARGIN_TOP + PANEL_HEIGHT + GAP, "latency (µs, log scale)", t_max, &latency, true);
+    if !errors.is_empty() {
+        panel(&mut svg, MARGIN_TOP + 2.0 * (PANEL_HEIGHT + GAP), "errors per second", t_max, &errors, false);
+    }
     let _ = writeln!(
         svg,
         r#"<text x="{}" y="{}" text-anchor="middle">seconds</text>"#,
@@ -149,6 +174,7 @@ mod tests {
                 writes_per_s: 500.0,
                 read_us: [100, 900, 2000],
                 write_us: [50, 400, 800],
+                ..Point::default()
             })
             .collect();
         let svg = render("RU,80 <test>", &points);
@@ -167,11 +193,38 @@ mod tests {
                 writes_per_s: 300_000.0,
                 read_us: [0, 0, 0],
                 write_us: [1, 2, 2],
+                ..Point::default()
             })
             .collect();
         let svg = render("RR,0", &points);
         assert!(svg.trim_end().ends_with("</svg>"));
         assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
         assert_eq!(svg.matches("<polyline").count(), 2 + 3, "both throughputs and the three write percentiles");
+    }
+
+    #[test]
+    fn renders_errors_per_second_when_there_were_errors() {
+        let points: Vec<Point> = (1..=6)
+            .map(|i| {
+                let mut p =
+                    Point { t: f64::from(i), reads_per_s: 1000.0, read_us: [100, 200, 300], ..Point::default() };
+                // A node down in seconds 3 and 4; not-found reads all along are not errors.
+                p.errors_per_s[ErrorKind::NotFound.index()] = 10.0;
+                if (3..=4).contains(&i) {
+                    p.errors_per_s[ErrorKind::Unavailable.index()] = 800.0;
+                    p.errors_per_s[ErrorKind::Io.index()] = 3.0;
+                }
+                p
+            })
+            .collect();
+        let svg = render("RU,80", &points);
+        assert!(svg.contains("errors per second") && svg.contains(">unavailable<") && svg.contains(">io<"));
+        assert!(!svg.contains(">not_found<"));
+        assert_eq!(svg.matches("<polyline").count(), 2 + 3 + 2, "throughput, read percentiles, two error kinds");
+        assert!(svg.contains(r#"height="1110""#), "three panels tall");
+        // Without errors the picture is the two panels as before.
+        let quiet: Vec<Point> =
+            points.iter().map(|p| Point { errors_per_s: Default::default(), ..p.clone() }).collect();
+        assert!(!render("RU,80", &quiet).contains("errors per second"));
     }
 }

@@ -1,5 +1,6 @@
 //! Measurements: per-task interval recorders, the per-second progress line, the time series for
-//! plots, the final table and JSON summary, and the HdrHistogram interval log.
+//! plots and the JSON summary (throughput, latency percentiles and errors per second by kind, so
+//! a window of unavailability shows), and the HdrHistogram interval log.
 
 use std::time::Duration;
 
@@ -80,6 +81,23 @@ pub struct Point {
     pub read_us: [u64; 3],
     /// Write p50/p99/p99.9 in µs.
     pub write_us: [u64; 3],
+    /// Errors per second by kind (index of [`ErrorKind::ALL`]); not-found reads included.
+    pub errors_per_s: [f64; ErrorKind::ALL.len()],
+}
+
+impl Point {
+    /// One interval of `secs` seconds ending `t` seconds into the run.
+    pub fn of_interval(t: f64, secs: f64, iv: &Interval) -> Point {
+        let secs = secs.max(1e-3);
+        Point {
+            t,
+            reads_per_s: iv.read.len() as f64 / secs,
+            writes_per_s: iv.write.len() as f64 / secs,
+            read_us: percentiles(&iv.read),
+            write_us: percentiles(&iv.write),
+            errors_per_s: iv.errors.map(|n| n as f64 / secs),
+        }
+    }
 }
 
 /// p50, p99, p99.9 of a histogram (0 when empty).
@@ -90,8 +108,9 @@ pub fn percentiles(h: &Histogram<u64>) -> [u64; 3] {
     [h.value_at_quantile(0.50), h.value_at_quantile(0.99), h.value_at_quantile(0.999)]
 }
 
-/// Formats one progress line.
-pub fn progress_line(p: &Point, iv: &Interval) -> String {
+/// Formats one progress line: throughput, latency percentiles, and errors per second by kind
+/// when there were any.
+pub fn progress_line(p: &Point) -> String {
     let mut line = format!(
         "{:6.1}s  reads/s {:>8.0}  writes/s {:>8.0}  read us p50 {:>6} p99 {:>6} p99.9 {:>6}  write us p50 {:>6} p99 {:>6} p99.9 {:>6}",
         p.t,
@@ -106,11 +125,11 @@ pub fn progress_line(p: &Point, iv: &Interval) -> String {
     );
     let errors: Vec<String> = ErrorKind::ALL
         .iter()
-        .filter(|k| iv.errors[k.index()] > 0)
-        .map(|k| format!("{} {}", k.name(), iv.errors[k.index()]))
+        .filter(|k| p.errors_per_s[k.index()] > 0.0)
+        .map(|k| format!("{} {:.0}", k.name(), p.errors_per_s[k.index()]))
         .collect();
     if !errors.is_empty() {
-        line.push_str("  errors: ");
+        line.push_str("  errors/s: ");
         line.push_str(&errors.join(", "));
     }
     line
@@ -134,4 +153,26 @@ pub fn write_histogram_log(path: &std::path::Path, intervals: &[(Duration, Inter
         }
     }
     std::fs::write(path, out).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_show_errors_per_second_by_kind() {
+        let mut iv = Interval::default();
+        iv.read(Duration::from_micros(100));
+        for _ in 0..600 {
+            iv.error(ErrorKind::Unavailable);
+        }
+        iv.error(ErrorKind::Io);
+        // Half a second: the counts become rates.
+        let p = Point::of_interval(3.5, 0.5, &iv);
+        assert_eq!(p.reads_per_s, 2.0);
+        assert_eq!(p.errors_per_s[ErrorKind::Unavailable.index()], 1200.0);
+        let line = progress_line(&p);
+        assert!(line.ends_with("errors/s: unavailable 1200, io 2"), "{line}");
+        assert!(!progress_line(&Point::of_interval(1.0, 1.0, &Interval::default())).contains("errors"));
+    }
 }

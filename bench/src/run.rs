@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::cli::{RunArgs, SizeRange, Workload};
-use crate::report::{Interval, Point, percentiles, progress_line};
+use crate::report::{Interval, Point, progress_line};
 use crate::target::{ErrorKind, Target};
 use crate::workload::{Chooser, Op, Rng, check_bins, make_bins};
 
@@ -20,7 +20,7 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Totals over the run.
     pub total: Interval,
-    /// Per-second points (for plots).
+    /// Per-second points (for plots and the JSON series).
     pub points: Vec<Point>,
     /// Per-second histograms (for the interval log).
     pub intervals: Vec<(Duration, Interval)>,
@@ -108,16 +108,13 @@ pub async fn run(args: &RunArgs, target: Arc<Target>) -> Outcome {
             }
         }
         let iv = drain(&recorders);
-        let secs = now.duration_since(last).as_secs_f64().max(1e-3);
-        let point = Point {
-            t: now.duration_since(shared.started).as_secs_f64(),
-            reads_per_s: iv.read.len() as f64 / secs,
-            writes_per_s: iv.write.len() as f64 / secs,
-            read_us: percentiles(&iv.read),
-            write_us: percentiles(&iv.write),
-        };
-        if !args.quiet && (iv.read.len() + iv.write.len() > 0 || !done) {
-            eprintln!("{}", progress_line(&point, &iv));
+        let point = Point::of_interval(
+            now.duration_since(shared.started).as_secs_f64(),
+            now.duration_since(last).as_secs_f64(),
+            &iv,
+        );
+        if !args.quiet && (iv.read.len() + iv.write.len() > 0 || iv.errors.iter().any(|&n| n > 0) || !done) {
+            eprintln!("{}", progress_line(&point));
         }
         total.merge(&iv);
         intervals.push((last.duration_since(shared.started), iv));
