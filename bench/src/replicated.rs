@@ -385,7 +385,7 @@ async fn open_cluster(args: &ReplicatedArgs, hibernation: bool) -> Result<Starte
     }
     let nodes_s = t0.elapsed().as_secs_f64();
     let background: Vec<_> =
-        nodes.iter().map(|n| n.spawn_background(Duration::from_secs(1), Duration::from_secs(3600))).collect();
+        nodes.iter().map(|n| n.spawn_background(Duration::from_secs(1), Duration::from_secs(3600), false)).collect();
     let t1 = Instant::now();
     let (a, b, c) = tokio::join!(nodes[0].bootstrap(), nodes[1].bootstrap(), nodes[2].bootstrap());
     for r in [a, b, c] {

@@ -100,6 +100,40 @@ impl fmt::Display for WriteError {
 
 impl std::error::Error for WriteError {}
 
+/// Why a linearizable read could not be confirmed here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    /// This replica does not lead; `leader` is the one it knows of.
+    NotLeader {
+        /// The leader this replica knows of.
+        leader: Option<u64>,
+    },
+    /// No quorum confirmed the leadership in time.
+    Unavailable(String),
+    /// The group stopped.
+    Fatal(String),
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::NotLeader { leader: Some(l) } => write!(f, "not the leader (node {l} leads)"),
+            ReadError::NotLeader { leader: None } => write!(f, "not the leader (no leader known)"),
+            ReadError::Unavailable(m) => write!(f, "leadership not confirmed: {m}"),
+            ReadError::Fatal(m) => write!(f, "group stopped: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ReadError {}
+
+/// Readers waiting for a ReadIndex round, and whether one runs.
+#[derive(Default)]
+struct ReadRounds {
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<(), ReadError>>>,
+    running: bool,
+}
+
 /// How long a write waits for its proposal to be committed and applied before it answers
 /// "in doubt" (the proposal itself goes on, and stays in the pending overlay until it resolves).
 pub const PROPOSAL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
@@ -160,6 +194,7 @@ struct GroupInner {
     /// Hibernation of this replica (`None`: it never sleeps).
     sleep: Option<Mutex<GroupSleep>>,
     control: Arc<dyn ControlSender>,
+    reads: Mutex<ReadRounds>,
 }
 
 /// How a group behaves, beyond its parts.
@@ -214,6 +249,7 @@ impl Group {
                 submit: tokio::sync::Mutex::new(()),
                 sleep,
                 control: settings.control,
+                reads: Mutex::new(ReadRounds::default()),
             }),
         }
     }
@@ -287,6 +323,89 @@ impl Group {
     /// Whether this replica leads and may decide now (its first entry of the term applied).
     pub fn is_ready_leader(&self) -> bool {
         matches!(self.role(), Role::Ready(_))
+    }
+
+    /// The leader this replica knows of (if any) and the term of its vote.
+    pub fn leader_and_term(&self) -> (Option<u64>, u64) {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow_watched();
+        (m.current_leader, m.vote.leader_id.term)
+    }
+
+    /// The leader this replica knows of (itself included), if any.
+    pub fn leader(&self) -> Option<u64> {
+        self.inner.raft.metrics().borrow_watched().current_leader
+    }
+
+    /// Waits until a read of this replica's engine is linearizable: this replica leads, a
+    /// quorum confirmed it (ReadIndex: a heartbeat round, no clock assumption) after the call
+    /// began, and everything committed before then is applied here. Concurrent readers share
+    /// one round: a reader arriving while a round runs waits for the next one, which starts
+    /// after it arrived.
+    pub async fn linearizable_read(&self) -> Result<(), ReadError> {
+        if let Role::NotLeader(leader) = self.role() {
+            return Err(ReadError::NotLeader { leader });
+        }
+        if let Some(action) = self.with_sleep(|s| s.on_activity(Instant::now())) {
+            self.execute(action).await;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut r = self.inner.reads.lock().unwrap_or_else(|p| p.into_inner());
+            r.waiting.push(tx);
+            !std::mem::replace(&mut r.running, true)
+        };
+        if start {
+            let group = self.clone();
+            tokio::spawn(async move { group.read_rounds().await });
+        }
+        rx.await.unwrap_or_else(|_| Err(ReadError::Fatal("the read round was dropped".into())))
+    }
+
+    /// Runs ReadIndex rounds while readers wait.
+    async fn read_rounds(&self) {
+        loop {
+            let batch = {
+                let mut r = self.inner.reads.lock().unwrap_or_else(|p| p.into_inner());
+                if r.waiting.is_empty() {
+                    r.running = false;
+                    return;
+                }
+                std::mem::take(&mut r.waiting)
+            };
+            let round = self.inner.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex);
+            let result = match tokio::time::timeout(self.inner.proposal_timeout, round).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(openraft::error::RaftError::APIError(e))) => match e {
+                    openraft::error::LinearizableReadError::ForwardToLeader(f) => {
+                        Err(ReadError::NotLeader { leader: f.leader_id.filter(|l| *l != self.inner.node_id) })
+                    }
+                    openraft::error::LinearizableReadError::QuorumNotEnough(q) => {
+                        Err(ReadError::Unavailable(q.to_string()))
+                    }
+                },
+                Ok(Err(openraft::error::RaftError::Fatal(f))) => Err(ReadError::Fatal(f.to_string())),
+                Err(_) => Err(ReadError::Unavailable(format!(
+                    "no quorum within {} ms",
+                    self.inner.proposal_timeout.as_millis()
+                ))),
+            };
+            for tx in batch {
+                let _ = tx.send(result.clone());
+            }
+        }
+    }
+
+    /// Whether this replica may serve a replica read: its partition is readable (no install
+    /// under way or incomplete, caught up past the last one) and it has applied an entry of
+    /// the term it knows (so it is not a replica cut off in an old term).
+    pub fn is_caught_up(&self) -> bool {
+        if !self.inner.sm.readable() {
+            return false;
+        }
+        let m = self.inner.raft.metrics();
+        let m = m.borrow_watched();
+        m.current_leader.is_some() && m.last_applied.is_some_and(|a| a.leader_id.term == m.vote.leader_id.term)
     }
 
     /// Writes through the log: `decide` sees the record as the newest proposed or applied

@@ -9,6 +9,7 @@
 //! simulated device used by the crash tests.
 
 pub mod control;
+pub mod fabric;
 pub mod group;
 pub mod hibernate;
 pub mod liveness;

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::BasicNode;
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{InitializeError, RaftError};
 use openraft::network::NetSnapshot;
 use openraft::network::RaftNetworkFactory;
@@ -45,6 +46,11 @@ const BOOTSTRAP_CONCURRENCY: usize = 256;
 const SHUTDOWN_CONCURRENCY: usize = 256;
 /// Expired (or evictable) records proposed for removal per background round.
 const EXPIRY_BATCH_RECORDS: usize = 1_000;
+/// Entries in one append request: bounds a fabric frame (see `fabric::wire`) at 32 of the
+/// largest records.
+pub const APPEND_ENTRIES_MAX: u64 = 32;
+/// Leaderships a node hands back to their preferred leaders per background round.
+const REBALANCE_PER_ROUND: usize = 64;
 /// Entries appended to a group's log between two snapshots it builds on its own.
 const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
 
@@ -85,6 +91,7 @@ impl RaftTimers {
             max_in_snapshot_log_to_keep: LOG_KEPT_AFTER_SNAPSHOT,
             purge_batch_size: PURGE_BATCH_ENTRIES,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
+            max_payload_entries: APPEND_ENTRIES_MAX,
             ..Default::default()
         };
         c.validate().map(Arc::new).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("raft timers: {e}")))
@@ -112,6 +119,19 @@ pub struct NodeOptions {
     pub hibernation: Option<SleepConfig>,
     /// A peer node not heard from for this long is reported down (wakes the groups it led).
     pub peer_timeout: Duration,
+}
+
+/// How a node's groups stand (see [`ReplicaNode::role_counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoleCounts {
+    /// Groups this node leads.
+    pub leaders: usize,
+    /// Groups another node leads.
+    pub followers: usize,
+    /// Groups with no leader known here.
+    pub leaderless: usize,
+    /// Groups not caught up (installing, replaying, or without a leader).
+    pub lagging: usize,
 }
 
 /// One node's partition groups of one namespace (a cheap handle: clones share the node).
@@ -338,8 +358,14 @@ impl ReplicaNode {
 
     /// Runs the node's background work until [`ReplicaNode::shutdown`]: every `period` a
     /// liveness heartbeat to each peer and a hibernation round; every `expiry_every` an expiry
-    /// and an eviction round through the groups this node leads.
-    pub fn spawn_background(&self, period: Duration, expiry_every: Duration) -> tokio::task::JoinHandle<()> {
+    /// and an eviction round through the groups this node leads, and a rebalancing round
+    /// ([`ReplicaNode::rebalance_once`]) when `rebalance` is on.
+    pub fn spawn_background(
+        &self,
+        period: Duration,
+        expiry_every: Duration,
+        rebalance: bool,
+    ) -> tokio::task::JoinHandle<()> {
         let node = self.clone();
         tokio::spawn(async move {
             let mut last_expiry = Instant::now();
@@ -350,10 +376,107 @@ impl ReplicaNode {
                     last_expiry = Instant::now();
                     node.expire_once(EXPIRY_BATCH_RECORDS).await;
                     node.evict_once(EXPIRY_BATCH_RECORDS).await;
+                    if rebalance {
+                        node.rebalance_once(REBALANCE_PER_ROUND).await;
+                    }
                 }
                 tokio::time::sleep(period).await;
             }
         })
+    }
+
+    /// The voter `group`'s leader (this node) could hand its leadership to: `preferred` if
+    /// given, else any; it must be up and have matched the leader's last log index.
+    fn handover_target(&self, group: &Group, preferred: Option<u64>) -> Option<u64> {
+        let m = group.raft().metrics();
+        let m = m.borrow_watched();
+        if m.current_leader != Some(self.inner.id) {
+            return None;
+        }
+        let last = m.last_log_index;
+        let matched = m.replication.as_ref()?;
+        let liveness = self.lock_liveness();
+        let ok = |id: &u64| {
+            *id != self.inner.id
+                && liveness.is_up(*id)
+                && m.membership_config.voter_ids().any(|v| v == *id)
+                && matched.get(id).is_some_and(|l| l.map(|l| l.index) == last)
+        };
+        match preferred {
+            Some(p) => ok(&p).then_some(p),
+            None => matched.keys().copied().find(|id| ok(id)),
+        }
+    }
+
+    /// Asks `group` (led here) to transfer its leadership to `to`, waking it first.
+    async fn transfer(&self, group: &Group, to: u64) {
+        if let Some(action) = group.with_sleep(|s| s.on_activity(Instant::now())) {
+            group.execute(action).await;
+        }
+        if let Err(e) = group.raft().trigger().transfer_leader(to).await {
+            tracing::debug!(partition = group.partition().get(), "transfer not triggered: {e}");
+        }
+    }
+
+    /// Hands leaderships back to their preferred leaders (the placement's), up to `limit`
+    /// groups: each group this node leads whose preferred leader is another node that is up
+    /// and has matched the whole log. So leadership spreads evenly again after a node
+    /// restarts. Returns how many transfers were started.
+    pub async fn rebalance_once(&self, limit: usize) -> usize {
+        let mut started = 0;
+        for group in self.groups() {
+            if started >= limit {
+                break;
+            }
+            let preferred = self.inner.placement.preferred_leader(group.partition());
+            if preferred == self.inner.id || !group.is_ready_leader() {
+                continue;
+            }
+            if let Some(to) = self.handover_target(group, Some(preferred)) {
+                self.transfer(group, to).await;
+                started += 1;
+            }
+        }
+        started
+    }
+
+    /// Before a planned stop: transfers the leadership of every group this node leads to an
+    /// up-to-date follower, and waits (at most `timeout`) until it leads none. Returns how
+    /// many groups it still leads.
+    pub async fn hand_over_leaderships(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let led: Vec<&Group> = self.groups().filter(|g| g.leader() == Some(self.inner.id)).collect();
+            if led.is_empty() || Instant::now() >= deadline {
+                return led.len();
+            }
+            for group in led {
+                let preferred =
+                    self.inner.placement.replicas(group.partition()).into_iter().find(|&n| n != self.inner.id);
+                let target = self.handover_target(group, preferred).or_else(|| self.handover_target(group, None));
+                if let Some(to) = target {
+                    self.transfer(group, to).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The groups of this node: how many it leads (ready), follows, and how many are behind
+    /// (not caught up: installing, replaying, or without a known leader).
+    pub fn role_counts(&self) -> RoleCounts {
+        let mut c = RoleCounts::default();
+        for g in self.groups() {
+            match g.leader() {
+                Some(l) if l == self.inner.id => c.leaders += 1,
+                Some(_) => c.followers += 1,
+                None => c.leaderless += 1,
+            }
+            if !g.is_caught_up() {
+                c.lagging += 1;
+            }
+        }
+        c
     }
 
     /// Proposes, through the groups this node leads, the removal of up to `limit` expired

@@ -138,7 +138,7 @@ impl Cluster {
         self.loopback.register_node(&node);
         if self.hibernation.is_some() {
             let period = Duration::from_millis(self.timers.heartbeat_ms);
-            self.background.insert(id, node.spawn_background(period, Duration::from_secs(3600)));
+            self.background.insert(id, node.spawn_background(period, Duration::from_secs(3600), false));
         }
         if node.groups().count() > 100 {
             eprintln!("node {id}: {} groups opened in {opened:?}", node.groups().count());

@@ -282,15 +282,44 @@ pub struct TransferStats {
     pub batch_bytes_max: u64,
 }
 
-/// Reads a partition snapshot batch by batch from the source engine: bounded memory (one
-/// batch), throttled, cancellable, and fenced off a source whose partition an install is
-/// replacing.
+/// What a transport delivers for a remote snapshot, in order: batches, then one `End`
+/// (or `Failed` when the transfer broke).
+#[derive(Debug)]
+pub enum RemoteItem {
+    /// The next batch of versions.
+    Batch(Vec<RecordVersion>),
+    /// The source's stream ended; its `covers_next` then (see [`SnapshotStream::end_covers_next`]).
+    End {
+        /// 1 + the highest log index whose versions the source stream may have read.
+        covers_next: u64,
+    },
+    /// The transfer broke (connection lost, source failed), with why.
+    Failed(String),
+}
+
+/// The receiving end of a remote snapshot's batches (bounded: the transport waits while the
+/// receiver applies, so memory stays at a batch or two).
+pub type RemoteBatches = tokio::sync::mpsc::Receiver<RemoteItem>;
+
+/// Where a stream's batches come from.
+enum StreamSource {
+    /// The source engine in this process, fenced by its install gate.
+    Local {
+        engine: Engine,
+        gate: Arc<InstallGate>,
+        /// The source's install epoch when the stream started.
+        epoch: u64,
+        cursor: SnapshotCursor,
+    },
+    /// A transport's channel (`None`: already taken by another stream).
+    Remote { partition: PartitionId, batches: Option<RemoteBatches> },
+}
+
+/// Reads a partition snapshot batch by batch from the source engine (or a transport's
+/// channel of a peer's batches): bounded memory (one batch), throttled, cancellable, and
+/// fenced off a source whose partition an install is replacing.
 pub struct SnapshotStream {
-    source: Engine,
-    source_gate: Arc<InstallGate>,
-    /// The source's install epoch when the stream started.
-    epoch: u64,
-    cursor: SnapshotCursor,
+    source: StreamSource,
     throttle: Throttle,
     cancel: CancelToken,
     stats: TransferStats,
@@ -300,8 +329,12 @@ pub struct SnapshotStream {
 
 impl fmt::Debug for SnapshotStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = match &self.source {
+            StreamSource::Local { cursor, .. } => format!("{cursor:?}"),
+            StreamSource::Remote { partition, .. } => format!("remote partition {}", partition.get()),
+        };
         f.debug_struct("SnapshotStream")
-            .field("cursor", &self.cursor)
+            .field("source", &source)
             .field("throttle", &self.throttle)
             .field("cancel", &self.cancel)
             .field("stats", &self.stats)
@@ -320,10 +353,27 @@ impl SnapshotStream {
     ) -> SnapshotStream {
         let epoch = source_gate.epoch();
         SnapshotStream {
-            source,
-            source_gate,
-            epoch,
-            cursor: SnapshotCursor::new(partition, batch_records),
+            source: StreamSource::Local {
+                engine: source,
+                gate: source_gate,
+                epoch,
+                cursor: SnapshotCursor::new(partition, batch_records),
+            },
+            throttle,
+            cancel,
+            stats: TransferStats::default(),
+            end_covers_next: None,
+        }
+    }
+
+    pub(crate) fn remote(
+        partition: PartitionId,
+        batches: Option<RemoteBatches>,
+        throttle: Throttle,
+        cancel: CancelToken,
+    ) -> SnapshotStream {
+        SnapshotStream {
+            source: StreamSource::Remote { partition, batches },
             throttle,
             cancel,
             stats: TransferStats::default(),
@@ -332,7 +382,10 @@ impl SnapshotStream {
     }
 
     fn pid(&self) -> u16 {
-        self.cursor.partition.get()
+        match &self.source {
+            StreamSource::Local { cursor, .. } => cursor.partition.get(),
+            StreamSource::Remote { partition, .. } => partition.get(),
+        }
     }
 
     fn check_cancel(&self) -> io::Result<()> {
@@ -348,7 +401,8 @@ impl SnapshotStream {
     }
 
     fn check_source(&self) -> io::Result<()> {
-        if self.epoch % 2 == 1 || self.source_gate.epoch() != self.epoch {
+        let StreamSource::Local { gate, epoch, .. } = &self.source else { return Ok(()) };
+        if epoch % 2 == 1 || gate.epoch() != *epoch {
             return Err(io::Error::other(format!(
                 "snapshot source of partition {}: an install replaced the partition while it was streamed",
                 self.pid()
@@ -357,20 +411,63 @@ impl SnapshotStream {
         Ok(())
     }
 
+    /// Reads the next batch from the source (`None` at the end), before throttling.
+    async fn read_batch(&mut self) -> io::Result<Option<Vec<RecordVersion>>> {
+        let pid = self.pid();
+        match &mut self.source {
+            StreamSource::Local { engine, gate, cursor, .. } => {
+                let batch = engine
+                    .snapshot_next(cursor)
+                    .await
+                    .map_err(|e| io::Error::other(format!("reading a snapshot batch of partition {pid}: {e}")))?;
+                if batch.is_none() {
+                    self.end_covers_next.get_or_insert(gate.covers_next());
+                }
+                Ok(batch)
+            }
+            StreamSource::Remote { batches, .. } => {
+                if self.end_covers_next.is_some() {
+                    return Ok(None);
+                }
+                let Some(rx) = batches else {
+                    return Err(io::Error::other(format!(
+                        "remote snapshot of partition {pid}: its batches were already streamed"
+                    )));
+                };
+                let cancel = self.cancel.clone();
+                let item = tokio::select! {
+                    item = rx.recv() => item,
+                    () = cancel.cancelled() => return Err(interrupted(format!("remote snapshot of partition {pid}: cancelled"))),
+                };
+                match item {
+                    Some(RemoteItem::Batch(b)) => Ok(Some(b)),
+                    Some(RemoteItem::End { covers_next }) => {
+                        self.end_covers_next = Some(covers_next);
+                        Ok(None)
+                    }
+                    Some(RemoteItem::Failed(why)) => {
+                        Err(io::Error::other(format!("remote snapshot of partition {pid}: {why}")))
+                    }
+                    None => Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("remote snapshot of partition {pid}: the transfer ended before its end marker"),
+                    )),
+                }
+            }
+        }
+    }
+
     /// The next batch (at most `batch_records` versions), `None` at the end. Waits on the
     /// throttle for the batch's bytes before handing it out; fails with `Interrupted` once the
     /// stream's token is cancelled.
     pub async fn next_batch(&mut self) -> io::Result<Option<Vec<RecordVersion>>> {
         self.check_cancel()?;
         self.check_source()?;
-        let batch = self.source.snapshot_next(&mut self.cursor).await.map_err(|e| {
-            io::Error::other(format!("reading a snapshot batch of partition {}: {e}", self.cursor.partition.get()))
-        })?;
+        let batch = self.read_batch().await?;
         // After the read: an install that started during it may have handed out a mix.
         self.check_source()?;
         self.check_cancel()?;
         let Some(batch) = batch else {
-            self.end_covers_next.get_or_insert(self.source_gate.covers_next());
             return Ok(None);
         };
         let bytes = batch.iter().fold(0u64, |acc, v| acc.saturating_add(version_bytes_estimate(v)));

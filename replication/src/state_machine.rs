@@ -64,7 +64,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 pub use crate::snapshot_transfer::SnapshotStream;
-use crate::snapshot_transfer::{CancelToken, InstallGate, SNAPSHOT_MB_PER_S_DEFAULT, Throttle};
+use crate::snapshot_transfer::{CancelToken, InstallGate, RemoteBatches, SNAPSHOT_MB_PER_S_DEFAULT, Throttle};
 use crate::types::{LogId, Outcome, Response, SnapshotMeta, StoredMembership, TypeConfig};
 
 /// A snapshot of a partition group as openraft hands it around.
@@ -103,47 +103,84 @@ impl Default for SmOptions {
 /// Identity of a state machine instance, so an install can tell its own data from a peer's.
 static NEXT_SOURCE_ID: AtomicU64 = AtomicU64::new(1);
 
-/// The data of a partition snapshot: a handle the receiver streams the partition from.
+/// The data of a partition snapshot: a handle the receiver streams the partition from —
+/// the source node's engine itself (in-process), or batches arriving from a peer over the
+/// fabric ([`PartitionSnapshot::remote`]).
 #[derive(Clone)]
 pub struct PartitionSnapshot {
     /// The partition.
     pub partition: PartitionId,
-    source: Engine,
-    source_gate: Arc<InstallGate>,
-    source_id: u64,
-    batch_records: usize,
+    source: SnapshotSource,
     cancel: CancelToken,
+}
+
+#[derive(Clone)]
+enum SnapshotSource {
+    /// A state machine in this process.
+    Local { engine: Engine, gate: Arc<InstallGate>, id: u64, batch_records: usize },
+    /// Batches a transport feeds in; the first stream takes the receiver.
+    Remote(Arc<std::sync::Mutex<Option<RemoteBatches>>>),
 }
 
 impl fmt::Debug for PartitionSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = match &self.source {
+            SnapshotSource::Local { id, .. } => format!("local #{id}"),
+            SnapshotSource::Remote(_) => "remote".to_owned(),
+        };
         f.debug_struct("PartitionSnapshot")
             .field("partition", &self.partition.get())
-            .field("source_id", &self.source_id)
+            .field("source", &source)
             .field("cancel", &self.cancel)
             .finish_non_exhaustive()
     }
 }
 
 impl PartitionSnapshot {
+    /// A snapshot of `partition` whose batches a transport delivers through `batches` (see
+    /// [`crate::snapshot_transfer::RemoteItem`]); it can be streamed once.
+    pub fn remote(partition: PartitionId, batches: RemoteBatches) -> PartitionSnapshot {
+        PartitionSnapshot {
+            partition,
+            source: SnapshotSource::Remote(Arc::new(std::sync::Mutex::new(Some(batches)))),
+            cancel: CancelToken::new(),
+        }
+    }
+
     /// A stream over the partition in batches of at most `snapshot_batch_records` versions
     /// (the source's option), throttled at `mb_per_s` (0 = unlimited) and stopped by this
-    /// handle's cancel token.
+    /// handle's cancel token. A remote snapshot streams once; a second stream fails.
     pub fn stream(&self, mb_per_s: u64) -> SnapshotStream {
-        SnapshotStream::new(
-            self.source.clone(),
-            self.source_gate.clone(),
-            self.partition,
-            self.batch_records,
-            Throttle::new(mb_per_s),
-            self.cancel.clone(),
-        )
+        match &self.source {
+            SnapshotSource::Local { engine, gate, batch_records, .. } => SnapshotStream::new(
+                engine.clone(),
+                gate.clone(),
+                self.partition,
+                *batch_records,
+                Throttle::new(mb_per_s),
+                self.cancel.clone(),
+            ),
+            SnapshotSource::Remote(rx) => SnapshotStream::remote(
+                self.partition,
+                rx.lock().unwrap_or_else(|p| p.into_inner()).take(),
+                Throttle::new(mb_per_s),
+                self.cancel.clone(),
+            ),
+        }
     }
 
     /// This handle with `cancel` as its cancel token: streams of the returned handle fail with
     /// `Interrupted` once it is cancelled (see `snapshot_transfer::cancel_on_close`).
     pub fn with_cancel(&self, cancel: CancelToken) -> PartitionSnapshot {
         PartitionSnapshot { cancel, ..self.clone() }
+    }
+
+    /// The id of the local state machine this snapshot reads (`None`: remote).
+    fn local_source_id(&self) -> Option<u64> {
+        match &self.source {
+            SnapshotSource::Local { id, .. } => Some(*id),
+            SnapshotSource::Remote(_) => None,
+        }
     }
 }
 
@@ -443,10 +480,12 @@ impl PartitionStateMachine {
             meta,
             snapshot: PartitionSnapshot {
                 partition: self.shared.pid,
-                source: self.shared.engine.clone(),
-                source_gate: self.shared.gate.clone(),
-                source_id: self.shared.source_id,
-                batch_records: self.shared.options.snapshot_batch_records,
+                source: SnapshotSource::Local {
+                    engine: self.shared.engine.clone(),
+                    gate: self.shared.gate.clone(),
+                    id: self.shared.source_id,
+                    batch_records: self.shared.options.snapshot_batch_records,
+                },
                 cancel: CancelToken::new(),
             },
         }
@@ -536,7 +575,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 format!("a snapshot of partition {} offered to partition {}", snapshot.partition.get(), s.pid.get()),
             ));
         }
-        if snapshot.source_id == s.source_id {
+        if snapshot.local_source_id() == Some(s.source_id) {
             // openraft offers the current snapshot back only when it is newer than the applied
             // id, which persist's ordering rules out; installing from oneself would wipe it.
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "a partition cannot install its own snapshot"));

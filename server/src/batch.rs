@@ -55,6 +55,7 @@ pub async fn execute_batch<W: tokio::io::AsyncWrite + Unpin>(
                 digest: row.digest,
                 ops: &c.ops,
                 unsupported,
+                timeout_ms: msg.header.transaction_ttl,
             }
         })
         .collect();

@@ -24,6 +24,118 @@ pub struct Config {
     /// Namespaces (at least one; `test` when none is given).
     #[serde(rename = "namespace")]
     pub namespaces: Vec<NamespaceConfig>,
+    /// The cluster this node belongs to (`None`: a node alone, no replication).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Default replication factor of a cluster.
+pub const REPLICATION_FACTOR_DEFAULT: usize = 3;
+/// Default Raft heartbeat interval of a cluster's partition groups, ms.
+pub const CLUSTER_HEARTBEAT_MS_DEFAULT: u64 = 1_000;
+/// Default shortest election timeout of a cluster's partition groups, ms (the longest is
+/// twice this): with the heartbeat, a failed leader's busy groups elect within about 3 s.
+pub const CLUSTER_ELECTION_TIMEOUT_MS_DEFAULT: u64 = 3_000;
+/// Default snapshot transfer rate, MB/s.
+pub const CLUSTER_SNAPSHOT_MB_PER_S_DEFAULT: u64 = 64;
+
+/// The `[cluster]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id: unique in the cluster, never reused (1 or more).
+    pub node_id: u64,
+    /// Address of this node's fabric (node-to-node traffic).
+    pub fabric_listen: SocketAddr,
+    /// Fabric addresses of the cluster's nodes, this one included.
+    pub seeds: Vec<SocketAddr>,
+    /// Copies of every record (1 to the number of nodes).
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: usize,
+    /// Cluster name the fabric checks (peers of another cluster are refused); defaults to
+    /// `[server] cluster_name`, else "peregrine".
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Idle partition groups stop their timers (one liveness heartbeat per peer stands in).
+    #[serde(default = "default_true")]
+    pub hibernate: bool,
+    /// Raft heartbeat interval, ms.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Shortest Raft election timeout, ms (the longest is twice this).
+    #[serde(default = "default_election_timeout_ms")]
+    pub election_timeout_ms: u64,
+    /// Snapshot transfer rate, MB/s (0 = unlimited).
+    #[serde(default = "default_snapshot_mb_per_s")]
+    pub snapshot_mb_per_s: u64,
+}
+
+fn default_replication_factor() -> usize {
+    REPLICATION_FACTOR_DEFAULT
+}
+fn default_true() -> bool {
+    true
+}
+fn default_heartbeat_ms() -> u64 {
+    CLUSTER_HEARTBEAT_MS_DEFAULT
+}
+fn default_election_timeout_ms() -> u64 {
+    CLUSTER_ELECTION_TIMEOUT_MS_DEFAULT
+}
+fn default_snapshot_mb_per_s() -> u64 {
+    CLUSTER_SNAPSHOT_MB_PER_S_DEFAULT
+}
+
+impl ClusterConfig {
+    /// Checks what the parser cannot; `client_listen` is the node's client address.
+    pub fn validate(&self, client_listen: SocketAddr) -> Result<(), String> {
+        if self.node_id == 0 {
+            return Err("[cluster] node_id must be at least 1".into());
+        }
+        if self.seeds.is_empty() {
+            return Err("[cluster] seeds must list the fabric addresses of the cluster's nodes".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in &self.seeds {
+            if !seen.insert(s) {
+                return Err(format!("[cluster] seeds lists {s} twice"));
+            }
+        }
+        if !self.seeds_contain_self() {
+            return Err(format!(
+                "[cluster] seeds {:?} do not contain this node's fabric_listen {}: list every node's fabric address, this one included",
+                self.seeds, self.fabric_listen
+            ));
+        }
+        if self.replication_factor == 0 || self.replication_factor > self.seeds.len() {
+            return Err(format!(
+                "[cluster] replication_factor {} must be from 1 to the number of nodes in seeds ({})",
+                self.replication_factor,
+                self.seeds.len()
+            ));
+        }
+        if self.fabric_listen == client_listen {
+            return Err(format!("[cluster] fabric_listen {} is also the client listen address", self.fabric_listen));
+        }
+        if self.heartbeat_ms == 0 || self.election_timeout_ms <= self.heartbeat_ms {
+            return Err(format!(
+                "[cluster] election_timeout_ms ({}) must be above heartbeat_ms ({}), which must be at least 1",
+                self.election_timeout_ms, self.heartbeat_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `seeds` holds this node's fabric address (by port when it listens on every
+    /// address).
+    pub fn seeds_contain_self(&self) -> bool {
+        self.seeds.iter().any(|s| self.is_self(*s))
+    }
+
+    /// Whether `addr` is this node's fabric address.
+    pub fn is_self(&self, addr: SocketAddr) -> bool {
+        addr == self.fabric_listen
+            || (self.fabric_listen.ip().is_unspecified() && addr.port() == self.fabric_listen.port())
+    }
 }
 
 /// The `[server]` table.
@@ -360,6 +472,9 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             return Err("max_connections must be at least 1".into());
+        }
+        if let Some(c) = &self.cluster {
+            c.validate(self.server.listen)?;
         }
         Ok(())
     }

@@ -238,7 +238,7 @@ async fn handle_message<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn single<'a>(msg: &'a Message<'a>) -> Result<RecordCommand<'a>, u8> {
+pub(crate) fn single<'a>(msg: &'a Message<'a>) -> Result<RecordCommand<'a>, u8> {
     let digest = msg.digest().map_err(|_| result::PARAMETER)?.ok_or(result::PARAMETER)?;
     let unsupported = msg
         .fields
@@ -256,5 +256,6 @@ fn single<'a>(msg: &'a Message<'a>) -> Result<RecordCommand<'a>, u8> {
         digest,
         ops: &msg.ops,
         unsupported,
+        timeout_ms: msg.header.transaction_ttl,
     })
 }

@@ -51,6 +51,21 @@ impl<W: tokio::io::AsyncWrite + Unpin> FrameWriter<W> {
         }
     }
 
+    /// Appends a "partition done" message: partition `pid` of a scan ended with `result_code`
+    /// (non-zero: the client retries the partition).
+    pub fn partition_done(&mut self, msg_type: u8, pid: u16, result_code: u8) {
+        let buf = self.message(msg_type);
+        put_msg_header(
+            buf,
+            &MsgHeader {
+                info3: peregrine_proto::consts::info3::PARTITION_DONE,
+                result_code,
+                generation: u32::from(pid),
+                ..MsgHeader::default()
+            },
+        );
+    }
+
     /// Appends the message that ends a stream.
     pub fn last(&mut self, msg_type: u8, result_code: u8) {
         let buf = self.message(msg_type);

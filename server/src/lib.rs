@@ -3,12 +3,15 @@
 //! of other crates start a node in-process with [`start_in_background`].
 
 mod batch;
+mod cluster;
 pub mod config;
 mod conn;
 mod frames;
+pub mod local_cluster;
 mod metrics;
 mod node;
 mod record;
+mod route;
 mod scan;
 mod values;
 
@@ -16,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use peregrine_engine::{Engine, affinity};
+use peregrine_engine::{Engine, MaintenanceMode, affinity};
 use tokio::sync::{Semaphore, watch};
 
 use crate::config::Config;
@@ -32,7 +35,11 @@ pub fn open_engines(config: &Config) -> Result<Vec<(String, Engine)>, String> {
     };
     let mut engines = Vec::new();
     for ns in &config.namespaces {
-        let ec = ns.engine_config(&config.server.data_dir, io_cpus.clone())?;
+        let mut ec = ns.engine_config(&config.server.data_dir, io_cpus.clone())?;
+        if config.cluster.is_some() {
+            // Expiry and eviction go through the partition groups' logs.
+            ec.maintenance = MaintenanceMode::External;
+        }
         let devices: Vec<String> = ec.devices.iter().map(|d| d.path.display().to_string()).collect();
         let engine = Engine::open(ec).map_err(|e| format!("namespace {}: {e}", ns.name))?;
         tracing::info!(namespace = %ns.name, devices = %devices.join(","), records = engine.stats().records, "namespace ready");
@@ -89,7 +96,22 @@ async fn serve(
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
         tokio::spawn(metrics::serve(l, metrics.clone(), engines_for_metrics.clone(), shutdown_rx.clone()));
     }
-    let node = Arc::new(Node::new(config.server.clone(), engines, metrics.clone()));
+    let cluster = match &config.cluster {
+        None => None,
+        Some(c) => {
+            let name =
+                c.name.clone().or_else(|| config.server.cluster_name.clone()).unwrap_or_else(|| "peregrine".into());
+            let service = Node::new(config.server.clone(), Vec::new(), metrics.clone(), None).service().to_owned();
+            Some(
+                cluster::Cluster::start(c.clone(), name, service, config.server.data_dir.clone(), engines.clone())
+                    .await?,
+            )
+        }
+    };
+    let node = Arc::new(Node::new(config.server.clone(), engines, metrics.clone(), cluster.clone()));
+    if let Some(c) = &cluster {
+        c.fabric.set_proxy_handler(Arc::new(route::ServerProxy { node: Arc::downgrade(&node) }));
+    }
     tracing::info!(listen = %config.server.listen, node = %node.node_id, "peregrine node serving");
     let connections = Arc::new(Semaphore::new(config.server.max_connections));
     let budget = metrics.request_budget.clone();
@@ -123,6 +145,11 @@ async fn serve(
             node.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
         });
+    }
+    if let Some(c) = &cluster {
+        // Connections keep being served while the leaderships move (their commands are
+        // proxied to the new leaders), so a planned stop costs clients no errors.
+        c.shutdown().await;
     }
     drop(listener);
     let _ = shutdown_tx.send(true);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use peregrine_engine::Engine;
 use peregrine_proto::info::{command_name, put_answer};
 
+use crate::cluster::{Cluster, PARTITIONS, node_name};
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 
@@ -29,14 +30,24 @@ pub struct Node {
     pub service: String,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The cluster this node belongs to (`None`: alone).
+    pub cluster: Option<Arc<Cluster>>,
     /// base64 of a 4096-bit map with every partition set (684 characters).
     all_partitions_b64: String,
 }
 
 impl Node {
     /// A node serving `engines`.
-    pub fn new(config: ServerConfig, engines: Vec<(String, Engine)>, metrics: Arc<Metrics>) -> Node {
-        let node_id = config.node_id.clone().map(|s| s.to_uppercase()).unwrap_or_else(|| derived_node_id(&config));
+    pub fn new(
+        config: ServerConfig,
+        engines: Vec<(String, Engine)>,
+        metrics: Arc<Metrics>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Node {
+        let node_id = match &cluster {
+            Some(c) => node_name(c.node_id),
+            None => config.node_id.clone().map(|s| s.to_uppercase()).unwrap_or_else(|| derived_node_id(&config)),
+        };
         let host = config.advertise.clone().unwrap_or_else(|| {
             if config.listen.ip().is_unspecified() { "127.0.0.1".into() } else { config.listen.ip().to_string() }
         });
@@ -49,8 +60,14 @@ impl Node {
             config,
             service,
             metrics,
+            cluster,
             all_partitions_b64: base64(&[0xFF; 512]),
         }
+    }
+
+    /// The service address clients should use.
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// Answers an info request (already split into commands).
@@ -62,6 +79,11 @@ impl Node {
     }
 
     fn info_value(&self, command: &str) -> String {
+        if let Some(cluster) = &self.cluster
+            && let Some(value) = self.cluster_info(cluster, command)
+        {
+            return value;
+        }
         let port = self.config.listen.port();
         let nss = &self.namespace_order;
         match command_name(command) {
@@ -92,6 +114,112 @@ impl Node {
         }
     }
 
+    /// The answers that differ in a cluster (`None`: as for a node alone).
+    fn cluster_info(&self, cluster: &Cluster, command: &str) -> Option<String> {
+        let port = self.config.listen.port();
+        let nss = &self.namespace_order;
+        Some(match command_name(command) {
+            "partition-generation" => cluster.partition_generation().to_string(),
+            "peers-generation" => cluster.peers_generation().to_string(),
+            "peers-clear-std" | "peers-clear-alt" => {
+                let peers: Vec<String> = cluster
+                    .peers()
+                    .into_iter()
+                    .map(|(id, service)| format!("[{},,[{service}]]", node_name(id)))
+                    .collect();
+                format!("{},{port},[{}]", cluster.peers_generation(), peers.join(","))
+            }
+            "peers-tls-std" | "peers-tls-alt" | "alumni-clear-std" | "alumni-tls-std" => {
+                format!("{},{port},[]", cluster.peers_generation())
+            }
+            "cluster-stable" => u8::from(cluster.ready().is_some()).to_string(),
+            "replicas" => nss
+                .iter()
+                .map(|n| {
+                    let (regime, maps) = self.replica_maps(cluster, n);
+                    let b64: Vec<String> = maps.iter().map(|m| base64(m)).collect();
+                    format!("{n}:{regime},{},{}", maps.len(), b64.join(","))
+                })
+                .collect::<Vec<_>>()
+                .join(";"),
+            "replicas-all" => nss
+                .iter()
+                .map(|n| {
+                    let (_, maps) = self.replica_maps(cluster, n);
+                    let b64: Vec<String> = maps.iter().map(|m| base64(m)).collect();
+                    format!("{n}:{},{}", maps.len(), b64.join(","))
+                })
+                .collect::<Vec<_>>()
+                .join(";"),
+            "replicas-master" => nss
+                .iter()
+                .map(|n| format!("{n}:{}", base64(&self.replica_maps(cluster, n).1[0])))
+                .collect::<Vec<_>>()
+                .join(";"),
+            _ => return None,
+        })
+    }
+
+    /// The regime and the partition bitmaps (512 bytes each) this node claims for namespace
+    /// `ns`: index 0 the partitions it leads, index k the partitions where it is the k-th
+    /// follower in placement order. The regime (never 0: strong consistency) is the highest
+    /// Raft term among its groups, so it rises with every election it sees.
+    fn replica_maps(&self, cluster: &Cluster, ns: &str) -> (u64, Vec<[u8; 512]>) {
+        let rf = cluster.config.replication_factor.max(1);
+        let mut maps = vec![[0u8; 512]; rf];
+        let Some(ready) = cluster.ready() else { return (1, maps) };
+        let Some(n) = ready.namespaces.get(ns) else { return (1, maps) };
+        let me = cluster.node_id;
+        let mut regime = 1u64;
+        for g in n.replicas.groups() {
+            let p = usize::from(g.partition().get());
+            let (leader, term) = g.leader_and_term();
+            regime = regime.max(term);
+            let bit = 0x80u8 >> (p & 7);
+            if leader == Some(me) {
+                maps[0][p >> 3] |= bit;
+            } else if let Some(leader) = leader {
+                let followers = ready.placement.replicas(g.partition()).into_iter().filter(|&r| r != leader);
+                if let Some(k) = followers.enumerate().find(|(_, r)| *r == me).map(|(k, _)| k + 1)
+                    && k < rf
+                {
+                    maps[k][p >> 3] |= bit;
+                }
+            }
+        }
+        (regime.min(u64::from(u32::MAX)), maps)
+    }
+
+    /// Cluster lines of `namespace/<ns>`.
+    fn namespace_cluster_info(&self, cluster: &Cluster, ns: &str, out: &mut Vec<String>) {
+        let rf = cluster.config.replication_factor;
+        out.push(format!("replication-factor={rf}"));
+        out.push("strong-consistency=true".into());
+        let Some(ready) = cluster.ready() else {
+            out.push("effective_replication_factor=0".into());
+            return;
+        };
+        let up =
+            1 + ready.members.keys().filter(|&&id| id != cluster.node_id && cluster.fabric.is_connected(id)).count();
+        out.push(format!("effective_replication_factor={}", rf.min(up)));
+        let Some(n) = ready.namespaces.get(ns) else { return };
+        let engine = n.replicas.engine();
+        let (mut master, mut prole) = (0usize, 0usize);
+        for g in n.replicas.groups() {
+            let count = engine.index().read(g.partition()).len();
+            if g.leader() == Some(cluster.node_id) { master += count } else { prole += count }
+        }
+        let roles = n.replicas.role_counts();
+        out.push(format!("master_objects={master}"));
+        out.push(format!("prole_objects={prole}"));
+        out.push(format!("partitions_led={}", roles.leaders));
+        out.push(format!("partitions_followed={}", roles.followers));
+        out.push(format!("partitions_leaderless={}", roles.leaderless));
+        out.push(format!("partitions_lagging={}", roles.lagging));
+        out.push(format!("partitions_asleep={}", n.replicas.asleep()));
+        let _ = PARTITIONS;
+    }
+
     fn namespace_info(&self, ns: &str) -> String {
         let Some(engine) = self.namespaces.get(ns) else { return format!("ERROR:20:namespace {ns} not found") };
         let s = engine.stats();
@@ -100,11 +228,15 @@ impl Node {
         let free: u64 = s.devices.iter().map(|d| d.blocks.free * u64::from(d.block_bytes)).sum();
         let live: u64 = s.devices.iter().map(|d| d.blocks.live_bytes).sum();
         let avail_pct = (free * 100).checked_div(total).unwrap_or(0);
-        [
+        let mut lines = vec![];
+        match &self.cluster {
+            Some(cluster) => self.namespace_cluster_info(cluster, ns, &mut lines),
+            None => lines.push("replication-factor=1".into()),
+        }
+        lines.extend([
             format!("objects={}", s.records),
             format!("tombstones={}", s.tombstones),
             format!("index_used_bytes={}", s.index_bytes),
-            "replication-factor=1".into(),
             format!("default-ttl={}", c.default_ttl_s),
             format!("max-record-size={}", c.effective_max_record_bytes()),
             format!("write-block-size={}", c.write_block_bytes),
@@ -123,8 +255,8 @@ impl Node {
             format!("client_write_bytes={}", s.devices.iter().map(|d| d.write_bytes).sum::<u64>()),
             format!("defrag_write_bytes={}", s.devices.iter().map(|d| d.defrag_device_write_bytes).sum::<u64>()),
             format!("io_backend={}", engine.io_backend()),
-        ]
-        .join(";")
+        ]);
+        lines.join(";")
     }
 
     fn sets_info(&self, ns: &str) -> String {
@@ -141,15 +273,31 @@ impl Node {
         use std::sync::atomic::Ordering;
         let m = &self.metrics;
         let objects: u64 = self.namespaces.values().map(|e| e.stats().records).sum();
-        [
-            "cluster_size=1".to_string(),
-            "cluster_integrity=true".into(),
+        let mut lines = match &self.cluster {
+            None => vec!["cluster_size=1".to_string(), "cluster_integrity=true".into()],
+            Some(c) => {
+                let f = c.fabric.stats();
+                let peers = c.peers().len();
+                vec![
+                    format!("cluster_size={}", 1 + peers),
+                    format!("cluster_integrity={}", c.ready().is_some_and(|r| r.members.len() == 1 + peers)),
+                    format!("fabric_connections_made={}", f.connections),
+                    format!("fabric_bad_connections={}", f.bad_connections),
+                    format!("snapshots_sent={}", f.snapshots_sent),
+                    format!("snapshots_received={}", f.snapshots_received),
+                    format!("snapshots_active={}", f.snapshots_active),
+                    format!("proxied_out={}", f.proxied_out),
+                    format!("proxied_in={}", f.proxied_in),
+                ]
+            }
+        };
+        lines.extend([
             format!("objects={objects}"),
             format!("client_connections={}", m.connections_open.load(Ordering::Relaxed)),
             format!("client_connections_opened={}", m.connections_accepted.load(Ordering::Relaxed)),
             format!("request_buffer_bytes={}", m.request_buffer_bytes()),
-        ]
-        .join(";")
+        ]);
+        lines.join(";")
     }
 }
 

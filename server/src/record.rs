@@ -10,8 +10,57 @@ use peregrine_proto::consts::{
     TTL_CLIENT_DEFAULT, TTL_DONT_UPDATE, TTL_NEVER_EXPIRE, info1, info2, info3, op, particle, result,
 };
 
+use peregrine_replication::group::{Group, WriteError};
+
 use crate::node::Node;
 use crate::values::{from_wire, result_code, to_wire};
+
+/// Where a write goes: the engine directly (a node alone), or a partition group's leader
+/// write path (a cluster: decided here, replicated through the log, applied everywhere).
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    /// A stand-alone namespace.
+    Engine(&'a Engine),
+    /// The group of the record's partition, led by this node.
+    Group(&'a Group),
+}
+
+/// Why a write failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// Refused with an engine error (policies, sizes, devices): answered with its code.
+    Engine(Error),
+    /// The replicated write path could not take it here (not leader, not ready, in doubt).
+    Replicated(WriteError),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Engine(e)
+    }
+}
+
+impl Target<'_> {
+    fn engine(&self) -> &Engine {
+        match self {
+            Target::Engine(e) => e,
+            Target::Group(g) => g.engine(),
+        }
+    }
+
+    async fn modify<F>(&self, digest: &Digest, read_existing: bool, decide: F) -> Result<Applied, Failure>
+    where
+        F: FnMut(Option<peregrine_engine::Existing<'_>>) -> peregrine_engine::Result<Change>,
+    {
+        match self {
+            Target::Engine(e) => e.modify_async(digest, read_existing, decide).await.map_err(Failure::Engine),
+            Target::Group(g) => g.write(digest, read_existing, decide).await.map_err(|e| match e {
+                WriteError::Refused(e) => Failure::Engine(e),
+                other => Failure::Replicated(other),
+            }),
+        }
+    }
+}
 
 /// A single-record command, from a request or a batch row.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +87,8 @@ pub struct RecordCommand<'a> {
     pub ops: &'a [Op<'a>],
     /// The request used something this server does not implement (expressions, transactions).
     pub unsupported: bool,
+    /// The client's total timeout for the command, ms (0: none given).
+    pub timeout_ms: u32,
 }
 
 /// A single-record reply.
@@ -84,23 +135,42 @@ pub fn is_delete(cmd: &RecordCommand<'_>) -> bool {
     is_write(cmd) && cmd.info2 & info2::DELETE != 0
 }
 
-/// Runs one command.
+/// Runs one command (routed through the cluster when there is one).
 pub async fn execute(node: &Node, cmd: &RecordCommand<'_>) -> RecordReply {
+    if node.cluster.is_some() {
+        return crate::route::execute(node, cmd, 0).await;
+    }
     let Some(engine) = std::str::from_utf8(cmd.namespace).ok().and_then(|n| node.namespaces.get(n)) else {
         return RecordReply::code(result::NAMESPACE_NOT_FOUND);
     };
     if cmd.unsupported {
         return RecordReply::code(result::UNSUPPORTED_FEATURE);
     }
-    let digest = Digest(cmd.digest);
-    let outcome = if !is_write(cmd) {
-        read(engine, &digest, cmd).await
-    } else if is_delete(cmd) {
-        delete(engine, &digest, cmd).await
+    let outcome = if is_write(cmd) {
+        execute_write(Target::Engine(engine), cmd).await
     } else {
-        write(engine, &digest, cmd).await
+        read(engine, cmd).await.map_err(Failure::Engine)
     };
-    outcome.unwrap_or_else(|e| RecordReply::code(result_code(&e)))
+    match outcome {
+        Ok(reply) => reply,
+        Err(Failure::Engine(e)) => RecordReply::code(result_code(&e)),
+        Err(Failure::Replicated(e)) => {
+            // A stand-alone engine has no replicated path; kept total all the same.
+            tracing::error!("a stand-alone write failed on the replicated path: {e}");
+            RecordReply::code(result::SERVER_ERROR)
+        }
+    }
+}
+
+/// Runs a write or delete on `target`.
+pub async fn execute_write(target: Target<'_>, cmd: &RecordCommand<'_>) -> Result<RecordReply, Failure> {
+    let digest = Digest(cmd.digest);
+    if is_delete(cmd) { delete(target, &digest, cmd).await } else { write(target, &digest, cmd).await }
+}
+
+/// A reply carrying only a result code.
+pub fn code_reply(result_code: u8) -> RecordReply {
+    RecordReply::code(result_code)
 }
 
 /// A command's generation condition, with the generation as the wire carries it (32 bits).
@@ -148,10 +218,10 @@ impl GenerationCheck {
 }
 
 /// Deletes a record (a tombstone), checking the generation condition as 32-bit numbers.
-async fn delete(engine: &Engine, digest: &Digest, cmd: &RecordCommand<'_>) -> Result<RecordReply, Error> {
+async fn delete(target: Target<'_>, digest: &Digest, cmd: &RecordCommand<'_>) -> Result<RecordReply, Failure> {
     let generation = GenerationCheck::of(cmd);
-    engine
-        .modify_async(digest, false, |existing| {
+    target
+        .modify(digest, false, |existing| {
             let Some(e) = existing else {
                 return Err(Error::NotFound);
             };
@@ -175,7 +245,9 @@ fn bin_name(name: &[u8]) -> Result<BinName, Error> {
     BinName::new(name)
 }
 
-async fn read(engine: &Engine, digest: &Digest, cmd: &RecordCommand<'_>) -> Result<RecordReply, Error> {
+/// Reads a record from `engine` (in a cluster, the caller decided this replica may serve it).
+pub async fn read(engine: &Engine, cmd: &RecordCommand<'_>) -> Result<RecordReply, Error> {
+    let digest = &Digest(cmd.digest);
     if cmd.info1 & info1::NOBINDATA != 0 {
         let meta = engine.exists(digest)?.ok_or(Error::NotFound)?;
         return Ok(RecordReply {
@@ -288,7 +360,8 @@ fn apply_append(bins: &mut Vec<Bin>, name: &BinName, add: &Value, append: bool) 
     Ok(())
 }
 
-async fn write(engine: &Engine, digest: &Digest, cmd: &RecordCommand<'_>) -> Result<RecordReply, Error> {
+async fn write(target: Target<'_>, digest: &Digest, cmd: &RecordCommand<'_>) -> Result<RecordReply, Failure> {
+    let engine = target.engine();
     let ops = match validate_ops(cmd.ops) {
         Ok(ops) => ops,
         Err(code) => return Ok(RecordReply::code(code)),
@@ -307,8 +380,8 @@ async fn write(engine: &Engine, digest: &Digest, cmd: &RecordCommand<'_>) -> Res
         .and_then(|k| k.split_first())
         .map(|(pt, bytes)| StoredKey { particle_type: *pt, bytes: bytes.to_vec() });
     let mut reply = RecordReply::default();
-    let applied = engine
-        .modify_async(digest, !replace && !create_only, |existing| {
+    let applied = target
+        .modify(digest, !replace && !create_only, |existing| {
             reply = RecordReply::default();
             if let Some(e) = &existing {
                 generation.check(e.meta.generation)?;

@@ -25,7 +25,7 @@ pub async fn execute_scan<W: tokio::io::AsyncWrite + Unpin>(
     out: &mut FrameWriter<W>,
 ) -> std::io::Result<u8> {
     let code = match plan(node, msg) {
-        Ok(plan) => stream(&plan, out).await?,
+        Ok(plan) => stream(node, &plan, out).await?,
         Err(code) => code,
     };
     out.last(msg_type::MESSAGE, code);
@@ -105,10 +105,22 @@ fn plan<'a>(node: &'a Node, msg: &Message<'a>) -> Result<Plan<'a>, u8> {
     Ok(Plan { engine, namespace, set_id, partitions, selection, no_bins, max_records, records_per_second })
 }
 
-async fn stream<W: tokio::io::AsyncWrite + Unpin>(plan: &Plan<'_>, out: &mut FrameWriter<W>) -> std::io::Result<u8> {
+async fn stream<W: tokio::io::AsyncWrite + Unpin>(
+    node: &Node,
+    plan: &Plan<'_>,
+    out: &mut FrameWriter<W>,
+) -> std::io::Result<u8> {
     let started = Instant::now();
     let mut sent: u64 = 0;
+    let ns = std::str::from_utf8(plan.namespace).unwrap_or("");
     for (pid, after) in &plan.partitions {
+        if let Some(cluster) = &node.cluster
+            && !crate::route::leads(cluster, ns, *pid)
+        {
+            // Not led here: the client retries this partition on the node that leads it.
+            out.partition_done(msg_type::MESSAGE, pid.get(), result::PARTITION_UNAVAILABLE);
+            continue;
+        }
         let mut entries = plan.engine.partition_entries(*pid, after.as_ref());
         match plan.set_id {
             Some(None) => entries.clear(),
