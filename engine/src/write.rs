@@ -115,6 +115,13 @@ impl Engine {
         })
     }
 
+    /// Checks that this engine can store `version` (its encoding within the record size limit,
+    /// a valid set name with a set id available): a replication leader checks every version
+    /// it decided before proposing it, so no replica's apply refuses it. Costs one encoding.
+    pub fn check_storable(&self, version: &RecordVersion) -> Result<()> {
+        self.inner.encode(version).map(drop)
+    }
+
     /// Prepare step: reads the record (its bins when `read_existing`), lets `decide` say what
     /// to store, and returns the decided version with the index entry it was decided against.
     /// `lut_floor_ms` is the lowest last-update time the version may get (a leader passes its

@@ -5,7 +5,9 @@
 //!   (policies, generation checks, the caller's merge) into a whole record version, which the
 //!   log carries; replicas only apply it ([`crate::state_machine`]).
 //! - **Policy failures are answered here and never logged**: the caller's decision fails
-//!   (generation mismatch, record exists, not found, too big) before anything is proposed.
+//!   (generation mismatch, record exists, not found) before anything is proposed, and so does a
+//!   version the engine could not store (too big, bad set name): what is logged, every
+//!   replica's apply can store.
 //! - **Last-update times rise in log order per partition**: each version gets at least
 //!   `highest + 1`, where `highest` is the newest last-update time in the partition when this
 //!   leader's term became ready, raised by every version it proposed since; so newest-wins by
@@ -497,6 +499,7 @@ impl Group {
                     let prepared =
                         self.decide_over_pending(digest, &newest.version, state.highest_lut_ms + 1, decide)?;
                     if let Some(v) = &prepared.version {
+                        self.inner.engine.check_storable(v).map_err(WriteError::Refused)?;
                         Self::register(&mut state, v)?;
                     }
                     return Ok((prepared, submit));
@@ -512,6 +515,7 @@ impl Group {
                 .prepare_over(digest, &read, state.highest_lut_ms + 1, &mut *decide)
                 .map_err(WriteError::Refused)?;
             if let Some(v) = &prepared.version {
+                engine.check_storable(v).map_err(WriteError::Refused)?;
                 Self::register(&mut state, v)?;
             }
             return Ok((prepared, submit));

@@ -39,7 +39,7 @@
 //!   ago, and without the hold its first tick would start an election before the woken
 //!   leader's heartbeat arrives.
 //! - *A lost leader wakes and elects*: when liveness reports down the node that leads a group
-//!   this replica sleeps in (or holds its elections in), exactly one survivor elects at once
+//!   this replica sleeps in, holds its elections in, or follows awake, exactly one survivor elects at once
 //!   ([`Action::WakeAndElect`]): the lowest-id voter other than the lost leader that liveness
 //!   reports up. The others wake with their elections held, so two survivors do not split the
 //!   vote; if the chosen one fails, their hold runs out and Raft's own timers elect. The same
@@ -352,9 +352,9 @@ impl GroupSleep {
         let sleeps_under_peer = match self.state {
             State::Asleep(Role::Follower { leader, .. }) => leader == peer,
             State::Asleep(_) => false,
-            State::Awake => {
-                self.elect_held_since.is_some() && matches!(obs.role, Role::Follower { leader, .. } if leader == peer)
-            }
+            // An awake follower of the lost leader elects too (the chosen survivor): without
+            // it, a busy group waits for Raft's own election timer.
+            State::Awake => matches!(obs.role, Role::Follower { leader, .. } if leader == peer),
         };
         if !sleeps_under_peer {
             return Action::None;
@@ -583,10 +583,15 @@ mod tests {
         let mut l = sleeping_leader(t0);
         assert_eq!(l.on_peer_down(ms(t0, 2000), 2, &leader_obs(5, true), |v| v != 2), Action::None);
         assert!(l.is_asleep());
-        // An awake follower whose elections are not held: Raft's own timers elect.
+        // An awake follower of the lost leader: the chosen survivor elects at once (a busy
+        // group does not wait for Raft's election timer), the other leaves it to Raft.
         let mut a = GroupSleep::new(2, config(), t0);
         assert_eq!(a.on_tick(t0, &follower_obs(1, 5), all_up), Action::None);
-        assert_eq!(a.on_peer_down(ms(t0, 100), 1, &follower_obs(1, 5), up_but_1), Action::None);
+        assert_eq!(a.on_peer_down(ms(t0, 100), 1, &follower_obs(1, 5), up_but_1), Action::WakeAndElect);
+        let mut b = GroupSleep::new(3, config(), t0);
+        assert_eq!(b.on_tick(t0, &follower_obs(1, 5), all_up), Action::None);
+        assert_eq!(b.on_peer_down(ms(t0, 100), 1, &follower_obs(1, 5), up_but_1), Action::None);
+        assert!(!b.is_elect_held());
     }
 
     #[test]

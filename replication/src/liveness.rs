@@ -89,6 +89,15 @@ impl Liveness {
         }
     }
 
+    /// The transport saw `peer` go away (its connection closed): the next [`Liveness::tick`]
+    /// reports it down without waiting for the timeout; a later heartbeat brings it back.
+    pub fn mark_down(&mut self, peer: NodeId, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            let long_ago = now.checked_sub(self.timeout + Duration::from_millis(1)).unwrap_or(p.last_heard);
+            p.last_heard = p.last_heard.min(long_ago);
+        }
+    }
+
     /// Re-evaluates every peer at `now`; returns the transitions, in peer id order.
     pub fn tick(&mut self, now: Instant) -> Vec<LivenessEvent> {
         let mut events = Vec::new();

@@ -36,8 +36,8 @@ pub const HEARTBEAT_MS_DEFAULT: u64 = 1_000;
 pub const ELECTION_TIMEOUT_MS_DEFAULT: u64 = 3_000;
 /// How long a full snapshot transfer may take, in milliseconds.
 pub const INSTALL_SNAPSHOT_TIMEOUT_MS_DEFAULT: u64 = 600_000;
-/// Entries a group keeps in its log after a snapshot, for followers slightly behind.
-const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
+/// Default entries a group keeps in its log after a snapshot, for followers slightly behind.
+pub const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
 /// Entries a group purges at once (a shared log purges logically, so batching is cheap).
 const PURGE_BATCH_ENTRIES: u64 = 256;
 /// Groups initialized at once by [`ReplicaNode::bootstrap`].
@@ -50,11 +50,11 @@ const EXPIRY_BATCH_RECORDS: usize = 1_000;
 /// largest records.
 pub const APPEND_ENTRIES_MAX: u64 = 32;
 /// Leaderships a node hands back to their preferred leaders per background round.
-const REBALANCE_PER_ROUND: usize = 64;
-/// Entries appended to a group's log between two snapshots it builds on its own.
-const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
+const REBALANCE_PER_ROUND: usize = 256;
+/// Default entries appended to a group's log between two snapshots it builds on its own.
+pub const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
 
-/// Raft timers of every group of a node.
+/// Raft timers (and log limits) of every group of a node.
 #[derive(Clone, Copy, Debug)]
 pub struct RaftTimers {
     /// Leader heartbeat interval, ms.
@@ -63,6 +63,10 @@ pub struct RaftTimers {
     pub election_timeout_ms: u64,
     /// Full snapshot transfer timeout, ms.
     pub install_snapshot_timeout_ms: u64,
+    /// Entries appended to a group's log between two snapshots it builds on its own.
+    pub snapshot_every_entries: u64,
+    /// Entries a group keeps in its log after a snapshot, for followers slightly behind.
+    pub log_kept_after_snapshot: u64,
 }
 
 impl Default for RaftTimers {
@@ -71,6 +75,8 @@ impl Default for RaftTimers {
             heartbeat_ms: HEARTBEAT_MS_DEFAULT,
             election_timeout_ms: ELECTION_TIMEOUT_MS_DEFAULT,
             install_snapshot_timeout_ms: INSTALL_SNAPSHOT_TIMEOUT_MS_DEFAULT,
+            snapshot_every_entries: SNAPSHOT_EVERY_ENTRIES,
+            log_kept_after_snapshot: LOG_KEPT_AFTER_SNAPSHOT,
         }
     }
 }
@@ -88,9 +94,9 @@ impl RaftTimers {
             install_snapshot_timeout: self.install_snapshot_timeout_ms,
             enable_pre_vote: Some(true),
             enable_leader_restore: Some(false),
-            max_in_snapshot_log_to_keep: LOG_KEPT_AFTER_SNAPSHOT,
+            max_in_snapshot_log_to_keep: self.log_kept_after_snapshot,
             purge_batch_size: PURGE_BATCH_ENTRIES,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries.max(1)),
             max_payload_entries: APPEND_ENTRIES_MAX,
             ..Default::default()
         };
@@ -299,6 +305,12 @@ impl ReplicaNode {
 
     fn lock_liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {
         self.inner.liveness.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The transport lost its connection to `peer`: liveness reports it down at the next
+    /// round, so the groups it led elect without waiting for the liveness timeout.
+    pub fn peer_disconnected(&self, peer: u64) {
+        self.lock_liveness().mark_down(peer, Instant::now());
     }
 
     /// Sends the node-level liveness heartbeat to every peer.

@@ -53,7 +53,12 @@ pub(crate) struct Cluster {
 }
 
 pub(crate) fn fast_timers() -> RaftTimers {
-    RaftTimers { heartbeat_ms: 100, election_timeout_ms: 600, install_snapshot_timeout_ms: 60_000 }
+    RaftTimers {
+        heartbeat_ms: 100,
+        election_timeout_ms: 600,
+        install_snapshot_timeout_ms: 60_000,
+        ..RaftTimers::default()
+    }
 }
 
 impl Cluster {

@@ -35,6 +35,9 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(30);
 const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a planned stop waits for this node's leaderships to move.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping node keeps serving after its leaderships moved: clients re-read the
+/// partition map every second.
+const HANDOVER_LINGER: Duration = Duration::from_millis(1_500);
 /// How often expiry and eviction (and rebalancing) run through the groups led here.
 const EXPIRY_EVERY: Duration = Duration::from_secs(1);
 /// The membership file in the data directory.
@@ -143,6 +146,8 @@ impl Cluster {
         let timers = RaftTimers {
             heartbeat_ms: c.heartbeat_ms,
             election_timeout_ms: c.election_timeout_ms,
+            snapshot_every_entries: c.snapshot_every_entries,
+            log_kept_after_snapshot: c.log_kept_after_snapshot,
             ..RaftTimers::default()
         };
         let hibernation = c.hibernate.then(|| SleepConfig {
@@ -155,7 +160,7 @@ impl Cluster {
         for (index, (name, engine)) in engines.into_iter().enumerate() {
             let index = u16::try_from(index).map_err(|_| "too many namespaces".to_string())?;
             let dir = data_dir.join("raft").join(&name);
-            let (log, report) = SharedLog::open(LogOptions::new(dir.join("log")))
+            let (log, report) = SharedLog::open(log_options(dir.join("log"), &engine))
                 .map_err(|e| format!("namespace {name}: opening its raft log: {e}"))?;
             tracing::info!(namespace = %name, ?report, "raft log recovered");
             let options = NodeOptions {
@@ -281,18 +286,26 @@ impl Cluster {
         h.digest()
     }
 
-    /// Before a planned stop: hands every leadership over, then stops the groups (their
-    /// applied ids made durable) and the fabric. The engines stay open for the caller.
+    /// Before a planned stop: hands every leadership this node holds to an up-to-date
+    /// follower (at most [`HANDOVER_TIMEOUT`]), then waits [`HANDOVER_LINGER`] so clients
+    /// read the new map while this node still serves.
+    pub async fn hand_over(&self) {
+        let Some(ready) = self.ready() else { return };
+        for (name, ns) in &ready.namespaces {
+            let left = ns.replicas.hand_over_leaderships(HANDOVER_TIMEOUT).await;
+            if left > 0 {
+                tracing::warn!(namespace = %name, left, "leaderships not handed over in time");
+            } else {
+                tracing::info!(namespace = %name, "leaderships handed over");
+            }
+        }
+        tokio::time::sleep(HANDOVER_LINGER).await;
+    }
+
+    /// Stops the groups (their applied ids made durable) and the fabric. The engines stay
+    /// open for the caller.
     pub async fn shutdown(&self) {
         if let Some(ready) = self.ready() {
-            for (name, ns) in &ready.namespaces {
-                let left = ns.replicas.hand_over_leaderships(HANDOVER_TIMEOUT).await;
-                if left > 0 {
-                    tracing::warn!(namespace = %name, left, "leaderships not handed over in time");
-                } else {
-                    tracing::info!(namespace = %name, "leaderships handed over");
-                }
-            }
             for (name, ns) in &ready.namespaces {
                 if let Err(e) = ns.replicas.shutdown().await {
                     tracing::error!(namespace = %name, "stopping the partition groups: {e}");
@@ -304,6 +317,17 @@ impl Cluster {
         }
         self.fabric.shutdown();
     }
+}
+
+/// The shared log's options for a namespace: a batch holds at least one entry of the
+/// largest record the engine stores (its log encoding is a little larger than the device's).
+fn log_options(dir: PathBuf, engine: &Engine) -> LogOptions {
+    let mut o = LogOptions::new(dir);
+    let entry_max = engine.config().effective_max_record_bytes() * 2 + (64 << 10);
+    let batch = entry_max.next_multiple_of(4096).max(o.batch_bytes_max);
+    o.batch_bytes_max = batch;
+    o.segment_bytes = o.segment_bytes.max(8 * batch as u64);
+    o
 }
 
 fn spawn_reclaim(name: String, replicas: ReplicaNode) {

@@ -31,10 +31,11 @@ pub struct Config {
 /// Default replication factor of a cluster.
 pub const REPLICATION_FACTOR_DEFAULT: usize = 3;
 /// Default Raft heartbeat interval of a cluster's partition groups, ms.
-pub const CLUSTER_HEARTBEAT_MS_DEFAULT: u64 = 1_000;
+pub const CLUSTER_HEARTBEAT_MS_DEFAULT: u64 = 750;
 /// Default shortest election timeout of a cluster's partition groups, ms (the longest is
-/// twice this): with the heartbeat, a failed leader's busy groups elect within about 3 s.
-pub const CLUSTER_ELECTION_TIMEOUT_MS_DEFAULT: u64 = 3_000;
+/// twice this). openraft's leader lease is the longest election timeout (3.5 s): a failed
+/// leader's groups elect once it lapses, so writes resume within about 4 s.
+pub const CLUSTER_ELECTION_TIMEOUT_MS_DEFAULT: u64 = 1_750;
 /// Default snapshot transfer rate, MB/s.
 pub const CLUSTER_SNAPSHOT_MB_PER_S_DEFAULT: u64 = 64;
 
@@ -67,6 +68,20 @@ pub struct ClusterConfig {
     /// Snapshot transfer rate, MB/s (0 = unlimited).
     #[serde(default = "default_snapshot_mb_per_s")]
     pub snapshot_mb_per_s: u64,
+    /// A partition group snapshots (and may purge its log) every this many entries.
+    #[serde(default = "default_snapshot_every_entries")]
+    pub snapshot_every_entries: u64,
+    /// Entries a group keeps after a snapshot for followers slightly behind (one further
+    /// behind gets the snapshot).
+    #[serde(default = "default_log_kept_after_snapshot")]
+    pub log_kept_after_snapshot: u64,
+}
+
+fn default_snapshot_every_entries() -> u64 {
+    peregrine_replication::node::SNAPSHOT_EVERY_ENTRIES
+}
+fn default_log_kept_after_snapshot() -> u64 {
+    peregrine_replication::node::LOG_KEPT_AFTER_SNAPSHOT
 }
 
 fn default_replication_factor() -> usize {
@@ -115,6 +130,9 @@ impl ClusterConfig {
         }
         if self.fabric_listen == client_listen {
             return Err(format!("[cluster] fabric_listen {} is also the client listen address", self.fabric_listen));
+        }
+        if self.snapshot_every_entries == 0 {
+            return Err("[cluster] snapshot_every_entries must be at least 1".into());
         }
         if self.heartbeat_ms == 0 || self.election_timeout_ms <= self.heartbeat_ms {
             return Err(format!(
@@ -740,5 +758,31 @@ mod tests {
         assert!(err.contains("max_inflight_request_bytes"), "{err}");
         let c = Config::parse("[[namespace]]\nname = \"a\"\nwrite_block_bytes = 1000\n").unwrap();
         assert!(c.namespaces[0].engine_config(Path::new("/d"), vec![]).unwrap_err().contains("write_block_bytes"));
+    }
+
+    #[test]
+    fn bad_cluster_tables_are_refused_with_the_reason() {
+        let table = |body: &str| format!("[server]\nlisten = \"127.0.0.1:3000\"\n[cluster]\n{body}\n");
+        let good = "node_id = 1\nfabric_listen = \"127.0.0.1:3001\"\nseeds = [\"127.0.0.1:3001\", \"127.0.0.1:3011\", \"127.0.0.1:3021\"]";
+        let c = Config::parse(&table(good)).unwrap().cluster.unwrap();
+        assert_eq!((c.node_id, c.replication_factor, c.seeds.len()), (1, 3, 3));
+        let cases = [
+            (good.replace("node_id = 1", "node_id = 0"), "node_id must be at least 1"),
+            (good.replace("\"127.0.0.1:3001\", \"127.0.0.1:3011\"", "\"127.0.0.1:3011\", \"127.0.0.1:3011\""), "twice"),
+            (good.replace("seeds = [\"127.0.0.1:3001\", ", "seeds = ["), "do not contain this node"),
+            (format!("{good}\nreplication_factor = 4"), "replication_factor 4 must be from 1"),
+            (format!("{good}\nreplication_factor = 0"), "replication_factor 0 must be from 1"),
+            (
+                good.replace("fabric_listen = \"127.0.0.1:3001\"", "fabric_listen = \"127.0.0.1:3000\"")
+                    .replace("3001\", ", "3000\", "),
+                "also the client listen",
+            ),
+            (format!("{good}\nheartbeat_ms = 2000\nelection_timeout_ms = 1000"), "election_timeout_ms"),
+            (format!("{good}\nbogus = 1"), "unknown field"),
+        ];
+        for (body, want) in cases {
+            let err = Config::parse(&table(&body)).unwrap_err();
+            assert!(err.contains(want), "{body}: {err}");
+        }
     }
 }

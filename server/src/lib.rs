@@ -117,10 +117,25 @@ async fn serve(
     let budget = metrics.request_budget.clone();
     let mut tasks = tokio::task::JoinSet::new();
     let mut stop = std::pin::pin!(stop);
+    // In a cluster, a stop first hands this node's leaderships over while it keeps accepting
+    // and serving (commands are proxied to the new leaders; clients learn the new map).
+    let mut handover: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> = None;
+    let mut stopping = false;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = &mut stop => break,
+            _ = &mut stop, if !stopping => {
+                stopping = true;
+                match &cluster {
+                    Some(c) => {
+                        let c = c.clone();
+                        handover = Some(Box::pin(async move { c.hand_over().await }));
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            () = async { if let Some(h) = handover.as_mut() { h.await } }, if handover.is_some() => break,
         };
         while tasks.try_join_next().is_some() {}
         let (stream, peer) = match accepted {
@@ -146,17 +161,15 @@ async fn serve(
             drop(slot);
         });
     }
-    if let Some(c) = &cluster {
-        // Connections keep being served while the leaderships move (their commands are
-        // proxied to the new leaders), so a planned stop costs clients no errors.
-        c.shutdown().await;
-    }
     drop(listener);
     let _ = shutdown_tx.send(true);
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
         tracing::warn!(left = tasks.len(), "connections still busy after the grace period; closing them");
         tasks.abort_all();
+    }
+    if let Some(c) = &cluster {
+        c.shutdown().await;
     }
     for (name, engine) in engines_for_metrics.iter() {
         match engine.close() {

@@ -33,6 +33,8 @@ pub struct LocalCluster {
     pub base_port: u16,
     /// The `peregrine` binary to run.
     pub binary: PathBuf,
+    /// Lines appended to every node's `[cluster]` table (tests: smaller log limits).
+    pub extra_cluster_config: String,
 }
 
 /// One node's addresses.
@@ -69,7 +71,7 @@ impl LocalCluster {
         let seeds: Vec<String> = all.iter().map(|p| format!("\"{}\"", p.fabric)).collect();
         let dir = self.data_dir.join(format!("node-{}", n.id));
         let text = format!(
-            "# Written by `peregrine local-cluster`.\n[server]\nlisten = \"{}\"\ndata_dir = \"{}\"\nmetrics_listen = \"{}\"\npin_io_threads = false\n\n[cluster]\nnode_id = {}\nfabric_listen = \"{}\"\nseeds = [{}]\nreplication_factor = {}\n",
+            "# Written by `peregrine local-cluster`.\n[server]\nlisten = \"{}\"\ndata_dir = \"{}\"\nmetrics_listen = \"{}\"\npin_io_threads = false\n\n[cluster]\nnode_id = {}\nfabric_listen = \"{}\"\nseeds = [{}]\nreplication_factor = {}\n{}\n",
             n.client,
             dir.display(),
             n.metrics,
@@ -77,6 +79,7 @@ impl LocalCluster {
             n.fabric,
             seeds.join(", "),
             all.len().min(3),
+            self.extra_cluster_config,
         );
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let path = self.data_dir.join(format!("node-{}.toml", n.id));
@@ -170,7 +173,8 @@ impl LocalCluster {
     }
 }
 
-fn spawn_node(binary: &Path, config: &Path, log: &Path) -> Result<Child, String> {
+/// Starts one node process with `config`, its output to `log`.
+pub fn spawn_node(binary: &Path, config: &Path, log: &Path) -> Result<Child, String> {
     let out = std::fs::File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     Command::new(binary)
@@ -298,7 +302,13 @@ mod tests {
     #[test]
     fn ports_follow_the_stride_and_configs_parse() {
         let dir = tempfile::tempdir().unwrap();
-        let lc = LocalCluster { nodes: 3, data_dir: dir.path().to_owned(), base_port: 3000, binary: "x".into() };
+        let lc = LocalCluster {
+            nodes: 3,
+            data_dir: dir.path().to_owned(),
+            base_port: 3000,
+            binary: "x".into(),
+            extra_cluster_config: String::new(),
+        };
         let ports = lc.ports().unwrap();
         assert_eq!(ports[2].client.port(), 3020);
         assert_eq!(ports[2].fabric.port(), 3021);

@@ -50,7 +50,13 @@ fn local_cluster(nodes: usize, data_dir: &std::path::Path, base_port: u16) -> Re
     std::fs::create_dir_all(data_dir).map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
     let data_dir = std::fs::canonicalize(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
     let binary = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
-    let lc = peregrine_server::local_cluster::LocalCluster { nodes, data_dir, base_port, binary };
+    let lc = peregrine_server::local_cluster::LocalCluster {
+        nodes,
+        data_dir,
+        base_port,
+        binary,
+        extra_cluster_config: String::new(),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -53,6 +53,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const REDIAL_MIN: Duration = Duration::from_millis(50);
 /// Longest wait before redialling a peer.
 const REDIAL_MAX: Duration = Duration::from_secs(1);
+/// Refusal reason of a hello from a node this one does not know (yet).
+const NOT_YET_MEMBER: &str = "not (yet) in this node's cluster membership";
 /// Snapshot batches queued between the receiving socket and the install.
 const SNAPSHOT_BATCHES_QUEUED: usize = 2;
 
@@ -414,7 +416,7 @@ impl Fabric {
             return Some(format!("dialled node {}, this is node {}", h.to, c.node_id));
         }
         if self.peer_addr(h.from).is_none() {
-            return Some(format!("node {} is not (yet) in this node's cluster membership", h.from));
+            return Some(format!("node {} is {NOT_YET_MEMBER}", h.from));
         }
         None
     }
@@ -469,6 +471,11 @@ impl Fabric {
         let h: Hello = decode_body("hello", &answer.1).map_err(io::Error::other)?;
         if !h.refusal.is_empty() {
             self.inner.counters.bad_connections.fetch_add(1, Ordering::Relaxed);
+            if h.refusal.contains(NOT_YET_MEMBER) {
+                // The peer is still discovering its cluster: it will know this node shortly.
+                tracing::info!(peer, %addr, "fabric: node {peer} does not know this node yet");
+                return Err(io::Error::new(io::ErrorKind::NotConnected, h.refusal));
+            }
             tracing::error!(peer, %addr, "fabric: node {peer} refused this node: {}", h.refusal);
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, h.refusal));
         }
@@ -536,7 +543,11 @@ impl Fabric {
         let mut answer = self.hello(hello.from, hello.lane);
         if let Some(why) = self.check_hello(&hello) {
             self.inner.counters.bad_connections.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%addr, from = hello.from, "fabric: refusing a peer: {why}");
+            if why.contains(NOT_YET_MEMBER) {
+                tracing::info!(%addr, from = hello.from, "fabric: refusing a peer for now: {why}");
+            } else {
+                tracing::error!(%addr, from = hello.from, "fabric: refusing a peer: {why}");
+            }
             answer.refusal = why;
         }
         let refused = !answer.refusal.is_empty();
@@ -590,10 +601,18 @@ impl Fabric {
         }
         link.close();
         let mut links = self.lock_links();
-        if links.get(&peer).is_some_and(|l| l.serial == link.serial) {
+        let current = links.get(&peer).is_some_and(|l| l.serial == link.serial);
+        if current {
             links.remove(&peer);
         }
         drop(links);
+        if current && !self.inner.stopping.is_cancelled() {
+            let nodes: Vec<ReplicaNode> =
+                self.inner.nodes.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+            for node in nodes {
+                node.peer_disconnected(peer);
+            }
+        }
         tracing::info!(node = self.node_id(), peer, "fabric: disconnected");
     }
 

@@ -296,6 +296,29 @@ mod tests {
         assert_eq!(decode_body::<Control>("control", &f[FRAME_HEADER_BYTES..]).unwrap(), c);
     }
 
+    /// docs/FORMAT.md ("Fabric frame") states the header the code writes.
+    #[test]
+    fn the_format_doc_matches_the_frame_header() {
+        let doc = include_str!("../../../docs/FORMAT.md");
+        let start = doc.find("## Fabric frame\n").unwrap();
+        let body = &doc[start + 16..];
+        let body = &body[..body.find("\n## ").unwrap_or(body.len())];
+        let rows: Vec<(usize, String)> = body
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                Some((cells.get(1)?.parse().ok()?, cells.get(3)?.trim_matches('`').to_owned()))
+            })
+            .collect();
+        let want: Vec<(usize, String)> = [(0, "body_len"), (4, "kind"), (5, "id"), (FRAME_HEADER_BYTES, "body")]
+            .map(|(o, n)| (o, n.to_owned()))
+            .into();
+        assert_eq!(rows, want);
+        assert!(body.contains(&format!("0x{HELLO_MAGIC:08x}")));
+        assert!(body.contains(&format!("{} MiB", FRAME_BODY_BYTES_MAX >> 20)));
+        assert!(body.contains("8 keepalive") && kind::KEEPALIVE == 8 && kind::SNAPSHOT_DONE == 7);
+    }
+
     #[test]
     fn bad_bytes_are_errors_not_panics() {
         let mut too_long = [0u8; FRAME_HEADER_BYTES];

@@ -113,3 +113,4 @@ pub fn info(addr: SocketAddr, commands: &str) -> String {
     s.read_exact(&mut out).unwrap();
     String::from_utf8(out).unwrap()
 }
+pub mod cluster;

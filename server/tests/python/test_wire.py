@@ -4,6 +4,7 @@ Run by server/tests/python_client.rs, which starts a `peregrine` process and cal
     python test_wire.py --port PORT --phase main        (then SIGTERM and a restart)
     python test_wire.py --port PORT --phase restart     (then SIGKILL and a restart)
     python test_wire.py --port PORT --phase after-kill
+    python test_wire.py --port PORT --phase main --cluster 3    (a node of a 3-node cluster)
 Every test is a function; the runner prints one line per test and exits 1 on any failure.
 """
 
@@ -65,10 +66,16 @@ class Tests:
         assert list(c.info_all("namespaces").values())[0][1].strip() == NS
         stats = list(c.info_all(f"namespace/{NS}").values())[0][1]
         assert "objects=" in stats and "device_total_bytes=" in stats and "stop_writes=false" in stats, stats
-        assert "cluster_size=1" in list(c.info_all("statistics").values())[0][1]
+        assert f"cluster_size={CLUSTER}" in list(c.info_all("statistics").values())[0][1]
         assert list(c.info_all("partitions").values())[0][1].strip() == "4096"
         replicas = list(c.info_all("replicas").values())[0][1].strip()
-        assert replicas.startswith(f"{NS}:0,1,") and len(replicas.split(",")[-1]) == 684, replicas
+        if CLUSTER == 1:
+            assert replicas.startswith(f"{NS}:0,1,") and len(replicas.split(",")[-1]) == 684, replicas
+        else:
+            # Strong consistency: a non-zero regime, one bitmap per replica index.
+            regime, count = replicas.split(":")[1].split(",")[:2]
+            assert int(regime) >= 1 and int(count) == min(3, CLUSTER), replicas
+            assert all(len(b) == 684 for b in replicas.split(",")[2:]), replicas
         # The client turns "ERROR:<code>:..." answers into exceptions with that code.
         assert expect(ex.AerospikeError, c.info_all, "no-such-command").code == 4
         assert expect(ex.AerospikeError, c.info_all, "namespace/nope").code == 20
@@ -384,14 +391,17 @@ def phase_restart(c):
 
 
 HOST = ("127.0.0.1", 3000)
+CLUSTER = 1  # nodes in the cluster under test
 
 
 def main():
-    global HOST
+    global HOST, CLUSTER
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--phase", choices=["main", "restart", "after-kill"], required=True)
+    p.add_argument("--cluster", type=int, default=1, help="nodes in the cluster (1: a node alone)")
     args = p.parse_args()
+    CLUSTER = args.cluster
     HOST = ("127.0.0.1", args.port)
     client = aerospike.client({"hosts": [HOST]}).connect()
     failures = 0
