@@ -288,6 +288,27 @@ impl ReplicaNode {
         Ok(initialized)
     }
 
+    /// On a restart: every group this node is the preferred leader of that knows no leader
+    /// stands for election now (pre-vote first, so a live leader with a valid lease keeps its
+    /// group, and a replica whose log is behind is refused). Without it, thousands of groups
+    /// restarted together elect on their random timers, in one contended burst. Returns how
+    /// many elections it started.
+    pub async fn campaign_preferred(&self) -> usize {
+        let mine: Vec<&Group> = self
+            .groups()
+            .filter(|g| self.inner.placement.preferred_leader(g.partition()) == self.inner.id && g.leader().is_none())
+            .collect();
+        for chunk in mine.chunks(BOOTSTRAP_CONCURRENCY) {
+            futures_util::future::join_all(chunk.iter().map(|g| async move {
+                if let Err(e) = g.raft().trigger().elect(true).await {
+                    tracing::debug!(partition = g.partition().get(), "election not triggered: {e}");
+                }
+            }))
+            .await;
+        }
+        mine.len()
+    }
+
     /// Groups this node leads and that are ready to decide.
     pub fn ready_leaders(&self) -> usize {
         self.groups().filter(|g| g.is_ready_leader()).count()

@@ -182,7 +182,8 @@ impl Cluster {
             self.fabric.register_namespace(index, &replicas);
             let bootstrapped =
                 replicas.bootstrap().await.map_err(|e| format!("namespace {name}: bootstrapping: {e}"))?;
-            tracing::info!(namespace = %name, groups = replicas.groups().count(), bootstrapped, "partition groups open");
+            let campaigns = if bootstrapped == 0 { replicas.campaign_preferred().await } else { 0 };
+            tracing::info!(namespace = %name, groups = replicas.groups().count(), bootstrapped, campaigns, "partition groups open");
             replicas.spawn_background(period, EXPIRY_EVERY, true);
             spawn_reclaim(name.clone(), replicas.clone());
             namespaces.insert(name, ReplicatedNamespace { replicas });

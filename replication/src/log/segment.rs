@@ -8,7 +8,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use peregrine_engine::io::{AlignedBuf, DeviceIo, IoBackendChoice, SharedBuf, WriteSource, open_backend, wait_io};
+use peregrine_engine::io::{
+    AlignedBuf, DeviceIo, IoBackendChoice, SharedBuf, WriteSource, await_io, open_backend, wait_io,
+};
 
 use super::format::{ALIGN_BYTES, SEGMENT_HEADER_BYTES, SegmentHeader};
 use super::{LogOptions, WriteHook};
@@ -152,6 +154,30 @@ impl Segment {
     pub fn read(&self, offset: u64, len: usize) -> io::Result<AlignedBuf> {
         assert!(offset.is_multiple_of(ALIGN_BYTES as u64) && len.is_multiple_of(ALIGN_BYTES), "unaligned read");
         wait_io(self.io.read(offset, AlignedBuf::zeroed(len), len)).map_err(|e| with_path(e, "reading", &self.path))
+    }
+
+    /// [`Segment::read_range`] without blocking the calling thread (for the Raft cores, which
+    /// run on the async runtime's few workers).
+    pub async fn read_range_async(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let (start, end) = self.aligned_span(offset, len)?;
+        let n = (end - start) as usize;
+        let buf = await_io(self.io.read(start, AlignedBuf::zeroed(n), n))
+            .await
+            .map_err(|e| with_path(e, "reading", &self.path))?;
+        let rel = (offset - start) as usize;
+        Ok(buf.as_slice()[rel..rel + len].to_vec())
+    }
+
+    fn aligned_span(&self, offset: u64, len: usize) -> io::Result<(u64, u64)> {
+        let start = offset / ALIGN_BYTES as u64 * ALIGN_BYTES as u64;
+        let end = (offset + len as u64).div_ceil(ALIGN_BYTES as u64) * ALIGN_BYTES as u64;
+        if end > self.bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("entry at {offset}+{len} lies outside segment {} ({} bytes)", self.seq, self.bytes),
+            ));
+        }
+        Ok((start, end))
     }
 
     /// Reads the bytes `[offset, offset + len)` (any alignment) with one aligned read.

@@ -327,6 +327,35 @@ where
     /// The entries present in `range` (those beyond the ends are simply absent). Entries no
     /// longer cached are read from their segment, one aligned read each.
     pub fn entries<RB: RangeBounds<u64>>(&self, range: RB) -> io::Result<Vec<C::Entry>> {
+        let fetch = self.fetch_plan(range)?;
+        let mut out = Vec::with_capacity(fetch.len());
+        for f in fetch {
+            match f {
+                Fetch::Mem(e) => out.push(e),
+                Fetch::Disk(seg, loc, log_id) => out.push(read_entry::<C>(&seg, loc, &log_id)?),
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`GroupLog::entries`] without blocking the calling thread on device reads.
+    pub async fn entries_async<RB: RangeBounds<u64>>(&self, range: RB) -> io::Result<Vec<C::Entry>> {
+        let fetch = self.fetch_plan(range)?;
+        let mut out = Vec::with_capacity(fetch.len());
+        for f in fetch {
+            match f {
+                Fetch::Mem(e) => out.push(e),
+                Fetch::Disk(seg, loc, log_id) => {
+                    let bytes = seg.read_range_async(loc.offset, loc.len as usize).await?;
+                    out.push(decode_entry::<C>(&bytes, loc, &log_id)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// What `range` needs: entries from the cache, or where they are on the device.
+    fn fetch_plan<RB: RangeBounds<u64>>(&self, range: RB) -> io::Result<Vec<Fetch<C>>> {
         let fetch: Vec<Fetch<C>> = {
             let st = self.log.shared.lock();
             let Some(g) = st.groups.get(&self.group) else { return Ok(Vec::new()) };
@@ -361,21 +390,19 @@ where
             }
             out
         };
-        let mut out = Vec::with_capacity(fetch.len());
-        for f in fetch {
-            match f {
-                Fetch::Mem(e) => out.push(e),
-                Fetch::Disk(seg, loc, log_id) => out.push(read_entry::<C>(&seg, loc, &log_id)?),
-            }
-        }
-        Ok(out)
+        Ok(fetch)
     }
 }
 
 /// Reads and decodes one entry, checking it is the one the index expects.
 pub(crate) fn read_entry<C: RaftTypeConfig>(seg: &Segment, loc: Loc, log_id: &LogIdOf<C>) -> io::Result<C::Entry> {
     let bytes = seg.read_range(loc.offset, loc.len as usize)?;
-    let e: C::Entry = postcard::from_bytes(&bytes).map_err(|err| {
+    decode_entry::<C>(&bytes, loc, log_id)
+}
+
+/// Decodes one entry read from `loc`, checking it is the one the index expects.
+fn decode_entry<C: RaftTypeConfig>(bytes: &[u8], loc: Loc, log_id: &LogIdOf<C>) -> io::Result<C::Entry> {
+    let e: C::Entry = postcard::from_bytes(bytes).map_err(|err| {
         format::corrupt(format!("entry at segment {} offset {} does not decode: {err}", loc.seg, loc.offset))
     })?;
     if e.log_id() != *log_id {
@@ -398,7 +425,7 @@ where
         &mut self,
         range: RB,
     ) -> Result<Vec<C::Entry>, io::Error> {
-        self.entries(range)
+        self.entries_async(range).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
