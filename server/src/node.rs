@@ -7,7 +7,7 @@ use std::sync::Arc;
 use peregrine_engine::Engine;
 use peregrine_proto::info::{command_name, put_answer};
 
-use crate::cluster::{Cluster, PARTITIONS, node_name};
+use crate::cluster::{Cluster, node_name};
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 
@@ -217,7 +217,6 @@ impl Node {
         out.push(format!("partitions_leaderless={}", roles.leaderless));
         out.push(format!("partitions_lagging={}", roles.lagging));
         out.push(format!("partitions_asleep={}", n.replicas.asleep()));
-        let _ = PARTITIONS;
     }
 
     fn namespace_info(&self, ns: &str) -> String {

@@ -182,14 +182,7 @@ impl Segment {
 
     /// Reads the bytes `[offset, offset + len)` (any alignment) with one aligned read.
     pub fn read_range(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let start = offset / ALIGN_BYTES as u64 * ALIGN_BYTES as u64;
-        let end = (offset + len as u64).div_ceil(ALIGN_BYTES as u64) * ALIGN_BYTES as u64;
-        if end > self.bytes {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("entry at {offset}+{len} lies outside segment {} ({} bytes)", self.seq, self.bytes),
-            ));
-        }
+        let (start, end) = self.aligned_span(offset, len)?;
         let buf = self.read(start, (end - start) as usize)?;
         let rel = (offset - start) as usize;
         Ok(buf.as_slice()[rel..rel + len].to_vec())
