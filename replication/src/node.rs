@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use openraft::BasicNode;
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{InitializeError, RaftError};
@@ -38,8 +39,11 @@ pub const ELECTION_TIMEOUT_MS_DEFAULT: u64 = 3_000;
 pub const INSTALL_SNAPSHOT_TIMEOUT_MS_DEFAULT: u64 = 600_000;
 /// Default entries a group keeps in its log after a snapshot, for followers slightly behind.
 pub const LOG_KEPT_AFTER_SNAPSHOT: u64 = 1_000;
-/// Entries a group purges at once (a shared log purges logically, so batching is cheap).
-const PURGE_BATCH_ENTRIES: u64 = 256;
+/// Most entries a group purges at once (a shared log purges logically, so batching is cheap);
+/// never more than a snapshot interval, or a small interval would keep its whole log.
+const PURGE_BATCH_ENTRIES_MAX: u64 = 256;
+/// Groups opened at once by [`ReplicaNode::open`].
+const OPEN_CONCURRENCY: usize = 64;
 /// Groups initialized at once by [`ReplicaNode::bootstrap`].
 const BOOTSTRAP_CONCURRENCY: usize = 256;
 /// Groups stopped at once by [`ReplicaNode::shutdown`].
@@ -95,7 +99,7 @@ impl RaftTimers {
             enable_pre_vote: Some(true),
             enable_leader_restore: Some(false),
             max_in_snapshot_log_to_keep: self.log_kept_after_snapshot,
-            purge_batch_size: PURGE_BATCH_ENTRIES,
+            purge_batch_size: PURGE_BATCH_ENTRIES_MAX.min(self.snapshot_every_entries.max(1)),
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries.max(1)),
             max_payload_entries: APPEND_ENTRIES_MAX,
             ..Default::default()
@@ -190,23 +194,33 @@ impl ReplicaNode {
             sleep: options.hibernation,
             control: control.clone(),
         };
-        let mut groups = BTreeMap::new();
-        for &pid in &options.partitions {
-            if !options.placement.holds(options.node_id, pid) {
-                continue;
+        // Groups open concurrently: a restarted group reads its log ids and re-applies its
+        // committed tail from the device, and one at a time left the device idle between reads.
+        let held: Vec<(PartitionId, N)> = options
+            .partitions
+            .iter()
+            .filter(|&&pid| options.placement.holds(options.node_id, pid))
+            .map(|&pid| (pid, network(pid)))
+            .collect();
+        let mut opening = futures_util::stream::iter(held.into_iter().map(|(pid, net)| {
+            let (engine, config, log, settings, sm_dir) =
+                (engine.clone(), config.clone(), log.clone(), settings.clone(), &options.sm_dir);
+            async move {
+                let sm = PartitionStateMachine::open(engine.clone(), pid, sm_dir, options.sm)?;
+                let raft =
+                    PartitionRaft::new(options.node_id, config, net, log.group(u32::from(pid.get())), sm.clone())
+                        .await
+                        .map_err(|e| io::Error::other(format!("partition {}: starting its raft: {e}", pid.get())))?;
+                io::Result::Ok(Group::new(options.node_id, pid, engine, raft, sm, settings))
             }
-            let sm = PartitionStateMachine::open(engine.clone(), pid, &options.sm_dir, options.sm)?;
-            let raft = PartitionRaft::new(
-                options.node_id,
-                config.clone(),
-                network(pid),
-                log.group(u32::from(pid.get())),
-                sm.clone(),
-            )
-            .await
-            .map_err(|e| io::Error::other(format!("partition {}: starting its raft: {e}", pid.get())))?;
-            groups.insert(pid.get(), Group::new(options.node_id, pid, engine.clone(), raft, sm, settings.clone()));
+        }))
+        .buffer_unordered(OPEN_CONCURRENCY);
+        let mut groups = BTreeMap::new();
+        while let Some(group) = opening.next().await {
+            let group = group?;
+            groups.insert(group.partition().get(), group);
         }
+        drop(opening);
         let peers = options.placement.nodes().iter().copied().filter(|&n| n != options.node_id);
         let liveness = Mutex::new(Liveness::new(options.node_id, peers, options.peer_timeout, Instant::now()));
         Ok(ReplicaNode {

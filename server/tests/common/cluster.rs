@@ -61,7 +61,9 @@ impl TestCluster {
             let child = c.spawn(i);
             c.nodes.push(Some(child));
         }
+        let started = Instant::now();
         c.wait_ready(Duration::from_secs(180));
+        println!("test cluster of {n} nodes ready {:?} after the start", started.elapsed());
         c
     }
 
@@ -187,6 +189,11 @@ impl Drop for TestCluster {
         for child in self.nodes.iter_mut().flatten() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            // Keep the nodes' data and full logs of a failed test for a post-mortem.
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
+            eprintln!("test cluster kept for inspection at {}", kept.display());
         }
     }
 }
