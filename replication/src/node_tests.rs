@@ -590,3 +590,16 @@ async fn idle_groups_sleep_wake_on_a_write_and_re_elect_when_their_leaders_node_
     assert_identical(&c).await;
     c.stop_all().await;
 }
+
+/// A group never needs more entries than its snapshot interval to start purging: with a purge
+/// batch above the interval, a group snapshotting every 64 entries kept its whole log and a
+/// follower back from a crash was never sent a snapshot.
+#[test]
+fn the_purge_batch_never_exceeds_the_snapshot_interval() {
+    for every in [1, 16, 64, 255, 256, 257, 20_000] {
+        let timers = RaftTimers { snapshot_every_entries: every, log_kept_after_snapshot: 16, ..RaftTimers::default() };
+        let config = timers.config().unwrap();
+        assert!(config.purge_batch_size <= every, "interval {every}: purge batch {}", config.purge_batch_size);
+        assert!(config.purge_batch_size >= 1);
+    }
+}

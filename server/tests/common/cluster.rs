@@ -190,9 +190,12 @@ impl Drop for TestCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if std::thread::panicking() {
-            // Keep the nodes' data and full logs of a failed test for a post-mortem.
-            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
+        // Keep the nodes' data and full logs of a failed test for a post-mortem (no second
+        // panic while unwinding: without a placeholder dir the data is simply removed).
+        if std::thread::panicking()
+            && let Ok(placeholder) = tempfile::tempdir()
+        {
+            let kept = std::mem::replace(&mut self.dir, placeholder).keep();
             eprintln!("test cluster kept for inspection at {}", kept.display());
         }
     }
