@@ -74,25 +74,35 @@ pub async fn run(
     engines: Vec<(String, Engine)>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
+    // The metrics port is bound first: once clients can connect, nothing left to bind can fail
+    // and take the node down again.
+    let metrics_listener = bind_metrics(&config)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
-    serve(config, engines, listener, stop).await
+    serve(config, engines, listener, metrics_listener, stop).await
+}
+
+fn bind_metrics(config: &Config) -> Result<Option<std::net::TcpListener>, String> {
+    let Some(addr) = config.server.metrics_listen else { return Ok(None) };
+    let l = std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+    l.set_nonblocking(true).map_err(|e| format!("metrics listener {addr}: {e}"))?;
+    Ok(Some(l))
 }
 
 async fn serve(
     config: Config,
     engines: Vec<(String, Engine)>,
     listener: tokio::net::TcpListener,
+    metrics_listener: Option<std::net::TcpListener>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new(config.server.max_inflight_request_bytes));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let engines_for_metrics = Arc::new(engines.clone());
-    if let Some(addr) = config.server.metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+    if let Some(l) = metrics_listener {
+        let l = tokio::net::TcpListener::from_std(l).map_err(|e| format!("metrics listener: {e}"))?;
+        let addr = l.local_addr().map_err(|e| format!("metrics listener: {e}"))?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
         tokio::spawn(metrics::serve(l, metrics.clone(), engines_for_metrics.clone(), shutdown_rx.clone()));
     }
@@ -220,6 +230,7 @@ pub fn start_in_background(mut config: Config) -> Result<BackgroundNode, String>
     config.fill_defaults();
     config.validate()?;
     let engines = open_engines(&config)?;
+    let metrics_listener = bind_metrics(&config)?;
     let std_listener = std::net::TcpListener::bind(config.server.listen).map_err(|e| format!("listen: {e}"))?;
     std_listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let addr = std_listener.local_addr().map_err(|e| e.to_string())?;
@@ -231,7 +242,7 @@ pub fn start_in_background(mut config: Config) -> Result<BackgroundNode, String>
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
-                serve(config, engines, listener, async {
+                serve(config, engines, listener, metrics_listener, async {
                     let _ = rx.await;
                 })
                 .await

@@ -449,3 +449,32 @@ fn eventually(mut read: impl FnMut() -> Option<u64>, want: u64) -> Option<u64> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The metrics port is bound before the client port: a node that accepted clients must not
+/// then exit because a later listener failed. With both ports taken, the metrics port is the
+/// one the error names.
+#[test]
+fn the_metrics_port_is_bound_before_the_client_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken_metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_client = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (metrics, client) = (taken_metrics.local_addr().unwrap(), taken_client.local_addr().unwrap());
+    let config = dir.path().join("taken.toml");
+    std::fs::write(
+        &config,
+        "[[namespace]]\nname = \"test\"\n[[namespace.devices]]\npath = \"taken.dat\"\nsize_bytes = 268435456\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_peregrine"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", &client.to_string(), "--metrics-listen", &metrics.to_string(), "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("cannot listen for metrics on {metrics}")), "{stderr}");
+    assert!(!stderr.contains(&format!("cannot listen on {client}")), "{stderr}");
+    drop((taken_metrics, taken_client));
+}

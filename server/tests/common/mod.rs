@@ -26,7 +26,24 @@ pub fn free_port() -> u16 {
 
 impl Server {
     /// Starts `peregrine` with a config file written into `data_dir`.
+    ///
+    /// The ports come from [`free_port`], so another test's client socket can take one before
+    /// the server binds it; a server that exits because it cannot listen is started again on
+    /// fresh ports.
     pub fn start(data_dir: &Path, extra_config: &str) -> Server {
+        const START_ATTEMPTS: usize = 5;
+        for _ in 0..START_ATTEMPTS {
+            let mut s = Server::spawn(data_dir, extra_config);
+            match s.wait_ready() {
+                Ok(()) => return s,
+                Err(log) if log.contains("cannot listen") => continue,
+                Err(log) => panic!("server did not start: {log}"),
+            }
+        }
+        panic!("server could not find free ports in {START_ATTEMPTS} attempts");
+    }
+
+    fn spawn(data_dir: &Path, extra_config: &str) -> Server {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let config = data_dir.join("peregrine.toml");
@@ -45,14 +62,24 @@ impl Server {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let s = Server { child, addr, data_dir: data_dir.to_path_buf(), log };
-        s.wait_ready();
-        s
+        Server { child, addr, data_dir: data_dir.to_path_buf(), log }
     }
 
-    fn wait_ready(&self) {
+    /// Waits until the server accepts connections and has logged that it serves; its log if it
+    /// exited first.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let started = Instant::now();
-        while TcpStream::connect(self.addr).is_err() {
+        loop {
+            if self.child.try_wait().unwrap().is_some() {
+                let log = self.log_text();
+                // The next attempt writes the same file name only if it draws the same port.
+                let _ = std::fs::remove_file(&self.log);
+                return Err(log);
+            }
+            // The log line tells this server from another process that took the port.
+            if self.log_text().contains("peregrine node serving") && TcpStream::connect(self.addr).is_ok() {
+                return Ok(());
+            }
             assert!(started.elapsed() < Duration::from_secs(60), "server did not start: {}", self.log_text());
             std::thread::sleep(Duration::from_millis(50));
         }
