@@ -90,25 +90,94 @@ pub async fn execute(node: &Node, cmd: &RecordCommand<'_>, hops: u8) -> RecordRe
         0 => HOLD_MAX,
         ms => Duration::from_millis(u64::from(ms)).min(HOLD_MAX),
     };
-    let deadline = Instant::now() + hold;
+    let started = Instant::now();
+    let deadline = started + hold;
+    let mut trace = SlowTrace::default();
     loop {
+        let step_started = Instant::now();
         let step = match cluster.ready() {
             None => Step::Wait,
             Some(ready) => step(cluster, ready, cmd, hops).await,
         };
-        match step {
-            Step::Done(reply) => return reply,
+        trace.local += step_started.elapsed();
+        let reply = match step {
+            Step::Done(reply) => Some(reply),
             Step::Forward(to) if hops < PROXY_HOPS_MAX => {
-                if let Some(reply) = forward(cluster, to, cmd, hops, deadline).await {
-                    return reply;
-                }
+                trace.forwards += 1;
+                let forward_started = Instant::now();
+                let reply = forward(cluster, to, cmd, hops, deadline).await;
+                trace.proxied += forward_started.elapsed();
+                reply
             }
-            Step::Forward(_) | Step::Wait => {}
+            Step::Forward(_) | Step::Wait => {
+                trace.waits += 1;
+                None
+            }
+        };
+        let reply = match reply {
+            Some(reply) => reply,
+            None if Instant::now() + HOLD_POLL > deadline => code_reply(timeout_code(cluster, cmd)),
+            None => {
+                tokio::time::sleep(HOLD_POLL).await;
+                continue;
+            }
+        };
+        trace.report(started.elapsed(), cmd, hops, reply.result_code);
+        return reply;
+    }
+}
+
+/// Commands slower than this are logged (at most one line per [`SLOW_LOG_EVERY`]).
+const SLOW_COMMAND: Duration = Duration::from_millis(500);
+/// Shortest interval between two slow-command log lines.
+const SLOW_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Where a command's time went, for the slow-command log.
+#[derive(Default)]
+struct SlowTrace {
+    /// Times it found no leader (or a leader not ready) and waited [`HOLD_POLL`].
+    waits: u32,
+    /// Times it was forwarded to another node.
+    forwards: u32,
+    /// Time spent in forwarded calls.
+    proxied: Duration,
+    /// Time spent deciding here, the replicated write or the read included.
+    local: Duration,
+}
+
+impl SlowTrace {
+    fn report(&self, elapsed: Duration, cmd: &RecordCommand<'_>, hops: u8, result: u8) {
+        static LAST_LOGGED_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        if elapsed < SLOW_COMMAND {
+            return;
         }
-        if Instant::now() + HOLD_POLL > deadline {
-            return code_reply(timeout_code(cluster, cmd));
+        let now_ms = EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + SLOW_LOG_EVERY.as_millis() as u64;
+        let last = LAST_LOGGED_MS.load(std::sync::atomic::Ordering::Relaxed);
+        if now_ms < last + SLOW_LOG_EVERY.as_millis() as u64
+            || LAST_LOGGED_MS
+                .compare_exchange(
+                    last,
+                    now_ms,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
         }
-        tokio::time::sleep(HOLD_POLL).await;
+        tracing::warn!(
+            partition = Digest(cmd.digest).partition().get(),
+            write = is_write(cmd),
+            hops,
+            result,
+            elapsed_ms = elapsed.as_millis() as u64,
+            waits = self.waits,
+            forwards = self.forwards,
+            proxied_ms = self.proxied.as_millis() as u64,
+            local_ms = self.local.as_millis() as u64,
+            "slow command"
+        );
     }
 }
 

@@ -3,7 +3,7 @@
 //! and restarted by pid, readiness read from the nodes' `replicas` answers.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,8 @@ pub struct TestCluster {
 /// this build's own.
 fn node_binary() -> PathBuf {
     match std::env::var_os("PEREGRINE_NODE_BIN") {
-        Some(p) => PathBuf::from(p),
+        // Relative to the workspace root, where `cargo test` is run from (tests run in `server/`).
+        Some(p) => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p),
         None => PathBuf::from(env!("CARGO_BIN_EXE_peregrine")),
     }
 }

@@ -403,7 +403,16 @@ def main():
     args = p.parse_args()
     CLUSTER = args.cluster
     HOST = ("127.0.0.1", args.port)
-    client = aerospike.client({"hosts": [HOST]}).connect()
+    config = {"hosts": [HOST]}
+    if CLUSTER > 1:
+        # The test cluster runs 3 nodes of 4096 Raft groups each on a 2-core machine, and the
+        # first seconds after it is ready are CPU-bound (every group awake until it hibernates):
+        # a command can take longer than the client's default 1 s total timeout then.
+        config["policies"] = {
+            kind: {"total_timeout": 5000}
+            for kind in ("read", "write", "operate", "remove", "apply", "batch", "scan", "query")
+        }
+    client = aerospike.client(config).connect()
     failures = 0
     if args.phase == "main":
         tests = Tests(client)
