@@ -1,5 +1,6 @@
 //! Node-to-node messages that are not Raft's: the node-level liveness heartbeat (one per peer
-//! pair, standing in for thousands of per-group heartbeats while groups sleep) and the
+//! pair, standing in for thousands of per-group heartbeats while groups sleep; "leaving" when
+//! the sender is stopping) and the
 //! hibernation requests of one group (sleep, wake); and [`ControlSender`], what a transport
 //! implements to carry them (the loopback here, the server's fabric between processes).
 //!
@@ -26,6 +27,9 @@ pub enum ControlMessage {
         /// The partition group.
         partition: u16,
     },
+    /// The sender is alive and stopping (a planned stop): hand it no leadership. Sent
+    /// instead of [`ControlMessage::Alive`] while it hands its own leaderships over.
+    Leaving,
 }
 
 /// Carries control messages to peers, fire and forget (never blocks, never fails loudly).

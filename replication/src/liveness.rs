@@ -12,6 +12,10 @@
 //! never heard from is reported down one timeout later. [`Liveness::is_up`] and the events
 //! change only in [`Liveness::tick`]: a heartbeat from a down peer brings it up at the next
 //! tick. Liveness decides nothing about Raft: it only wakes groups and picks who elects first.
+//!
+//! A peer that announces a planned stop ([`Liveness::leaving_from`], its heartbeats while it
+//! hands its leaderships over) is *leaving*: still up, but no leadership is handed to it. It
+//! stops leaving with its next plain heartbeat (a restarted process sends those).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -40,6 +44,7 @@ pub enum LivenessEvent {
 struct Peer {
     last_heard: Instant,
     up: bool,
+    leaving: bool,
 }
 
 /// The liveness of every peer of node `self_id`. See the module docs for the rules.
@@ -68,7 +73,7 @@ impl Liveness {
     /// Starts watching `peer`, counted as heard at `now` (no-op for a known peer or self).
     pub fn add_peer(&mut self, peer: NodeId, now: Instant) {
         if peer != self.self_id {
-            self.peers.entry(peer).or_insert(Peer { last_heard: now, up: true });
+            self.peers.entry(peer).or_insert(Peer { last_heard: now, up: true, leaving: false });
         }
     }
 
@@ -80,9 +85,20 @@ impl Liveness {
     /// A liveness heartbeat from `peer` arrived at `now`. Returns false (and records nothing)
     /// for a node this liveness does not watch.
     pub fn heartbeat_from(&mut self, peer: NodeId, now: Instant) -> bool {
+        self.heard(peer, now, false)
+    }
+
+    /// A heartbeat from `peer` saying it is stopping (a planned stop) arrived at `now`: it
+    /// counts as a heartbeat, and the peer is leaving until a plain one arrives.
+    pub fn leaving_from(&mut self, peer: NodeId, now: Instant) -> bool {
+        self.heard(peer, now, true)
+    }
+
+    fn heard(&mut self, peer: NodeId, now: Instant, leaving: bool) -> bool {
         match self.peers.get_mut(&peer) {
             Some(p) => {
                 p.last_heard = p.last_heard.max(now);
+                p.leaving = leaving;
                 true
             }
             None => false,
@@ -115,6 +131,11 @@ impl Liveness {
     /// this liveness does not watch is not.
     pub fn is_up(&self, peer: NodeId) -> bool {
         peer == self.self_id || self.peers.get(&peer).is_some_and(|p| p.up)
+    }
+
+    /// Whether `peer` is up and not leaving: a node leadership may be handed to.
+    pub fn is_up_to_stay(&self, peer: NodeId) -> bool {
+        peer == self.self_id || self.peers.get(&peer).is_some_and(|p| p.up && !p.leaving)
     }
 }
 
@@ -182,5 +203,24 @@ mod tests {
         assert!(!l.is_up(2));
         assert_eq!(l.tick(ms(t0, 30_000)), vec![]);
         assert_eq!(l.timeout(), TIMEOUT);
+    }
+
+    #[test]
+    fn a_leaving_peer_is_up_but_gets_no_leadership_until_a_plain_heartbeat() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(1, [1, 2, 3], TIMEOUT, t0);
+        assert!(l.is_up_to_stay(2));
+        assert!(l.leaving_from(2, ms(t0, 100)));
+        assert!(l.tick(ms(t0, 400)).is_empty());
+        assert!(l.is_up(2) && !l.is_up_to_stay(2) && l.is_up_to_stay(3));
+        // Leaving heartbeats keep it up past the timeout.
+        assert!(l.leaving_from(2, ms(t0, 500)));
+        l.heartbeat_from(3, ms(t0, 500));
+        assert!(l.tick(ms(t0, 700)).is_empty());
+        assert!(l.is_up(2) && !l.is_up_to_stay(2));
+        // The restarted process sends plain heartbeats.
+        l.heartbeat_from(2, ms(t0, 800));
+        assert!(l.is_up_to_stay(2));
+        assert!(!l.leaving_from(9, ms(t0, 800)), "an unknown node is not recorded");
     }
 }

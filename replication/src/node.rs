@@ -160,6 +160,8 @@ struct NodeInner {
     liveness: Mutex<Liveness>,
     control: Arc<dyn ControlSender>,
     stopping: AtomicBool,
+    /// Set by [`ReplicaNode::hand_over_leaderships`]: peers are told this node is leaving.
+    leaving: AtomicBool,
 }
 
 impl ReplicaNode {
@@ -233,6 +235,7 @@ impl ReplicaNode {
                 liveness,
                 control,
                 stopping: AtomicBool::new(false),
+                leaving: AtomicBool::new(false),
             }),
         })
     }
@@ -350,8 +353,10 @@ impl ReplicaNode {
 
     /// Sends the node-level liveness heartbeat to every peer.
     pub fn send_alive(&self) {
+        let message =
+            if self.inner.leaving.load(Ordering::Acquire) { ControlMessage::Leaving } else { ControlMessage::Alive };
         for &peer in self.inner.placement.nodes().iter().filter(|&&n| n != self.inner.id) {
-            self.inner.control.send(self.inner.id, peer, ControlMessage::Alive);
+            self.inner.control.send(self.inner.id, peer, message);
         }
     }
 
@@ -360,6 +365,9 @@ impl ReplicaNode {
         match message {
             ControlMessage::Alive => {
                 self.lock_liveness().heartbeat_from(from, Instant::now());
+            }
+            ControlMessage::Leaving => {
+                self.lock_liveness().leaving_from(from, Instant::now());
             }
             ControlMessage::Sleep { partition, term } => {
                 let Some(group) = self.inner.groups.get(&partition) else { return };
@@ -433,7 +441,8 @@ impl ReplicaNode {
     }
 
     /// The voter `group`'s leader (this node) could hand its leadership to: `preferred` if
-    /// given, else any; it must be up and have matched the leader's last log index.
+    /// given, else any; it must be up, not leaving, and have matched the leader's last log
+    /// index.
     fn handover_target(&self, group: &Group, preferred: Option<u64>) -> Option<u64> {
         let m = group.raft().metrics();
         let m = m.borrow_watched();
@@ -445,7 +454,7 @@ impl ReplicaNode {
         let liveness = self.lock_liveness();
         let ok = |id: &u64| {
             *id != self.inner.id
-                && liveness.is_up(*id)
+                && liveness.is_up_to_stay(*id)
                 && m.membership_config.voter_ids().any(|v| v == *id)
                 && matched.get(id).is_some_and(|l| l.map(|l| l.index) == last)
         };
@@ -487,10 +496,15 @@ impl ReplicaNode {
         started
     }
 
-    /// Before a planned stop: transfers the leadership of every group this node leads to an
-    /// up-to-date follower, and waits (at most `timeout`) until it leads none. Returns how
-    /// many groups it still leads.
+    /// Before a planned stop: tells the peers this node is leaving (from now on its liveness
+    /// heartbeats say so, and they hand it no leadership), transfers the leadership of every
+    /// group it leads to an up-to-date follower, and waits (at most `timeout`) until it leads
+    /// none. Returns how many groups it still leads. Call it again to hand over a leadership
+    /// that came back meanwhile (a peer's transfer decided before it heard this node leave).
     pub async fn hand_over_leaderships(&self, timeout: Duration) -> usize {
+        if !self.inner.leaving.swap(true, Ordering::AcqRel) {
+            self.send_alive();
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let led: Vec<&Group> = self.groups().filter(|g| g.leader() == Some(self.inner.id)).collect();

@@ -603,3 +603,66 @@ fn the_purge_batch_never_exceeds_the_snapshot_interval() {
         assert!(config.purge_batch_size >= 1);
     }
 }
+
+/// A node handing its leaderships over before a planned stop tells its peers it is leaving:
+/// their rebalancing hands it none back (it is every other group's preferred leader), until a
+/// restart of it sends plain liveness heartbeats again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_handing_over_its_leaderships_gets_none_back_until_it_restarts() {
+    let _serial = serial().await;
+    let mut c = Cluster::start_with(pids(6), fast_timers(), [0, 0, 0], Some(quick_sleep())).await;
+    for pid in c.partitions.clone() {
+        c.leader(pid, Duration::from_secs(10)).await.expect("every group elects");
+    }
+    let led_by_1 = |c: &Cluster| c.nodes[&1].role_counts().leaders;
+    assert!(led_by_1(&c) > 0, "node 1 leads the groups it is the preferred leader of");
+    assert_eq!(c.nodes[&1].hand_over_leaderships(Duration::from_secs(10)).await, 0);
+    assert_eq!(led_by_1(&c), 0);
+    // Rebalancing rounds on the peers, as their background loops run them.
+    for _ in 0..10 {
+        for id in [2, 3] {
+            c.nodes[&id].rebalance_once(100).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(led_by_1(&c), 0, "a leadership went back to the leaving node");
+    }
+    c.stop_node(1).await;
+    c.start_node(1).await;
+    let start = Instant::now();
+    while led_by_1(&c) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the restarted node got no leadership back");
+        for id in [2, 3] {
+            c.nodes[&id].rebalance_once(100).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.stop_all().await;
+}
+
+/// A write lease renewal on a leader that loses its leadership meanwhile ends with
+/// `NotLeader` as soon as it hears of the new leader, not after its whole timeout: the writer
+/// then forwards to the new leader instead of answering "timeout" (seen during SIGTERM
+/// hand-overs, where a fresh leader's first write met the transfer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_renewal_ends_when_the_leader_is_deposed() {
+    use crate::hibernate::driver::{LeaseError, renew_write_lease};
+    let _serial = serial().await;
+    let mut c = Cluster::start(pids(1), fast_timers(), [0, 0, 0]).await;
+    let pid = c.partitions[0];
+    let leader = c.leader(pid, Duration::from_secs(10)).await.expect("the group elects");
+    let old = c.nodes.iter().find(|(_, n)| n.group(pid).is_some_and(|g| g.is_ready_leader())).map(|(id, _)| *id);
+    let old = old.expect("a node leads");
+    // The leader's messages are lost; it still hears the others. The followers elect a new
+    // leader, whose messages depose the old one.
+    for other in [1, 2, 3].into_iter().filter(|&n| n != old) {
+        c.loopback.set_cut(old, other, true);
+    }
+    let timeout = Duration::from_secs(30);
+    let start = Instant::now();
+    let result = renew_write_lease(leader.raft(), timeout).await;
+    let took = start.elapsed();
+    assert!(matches!(result, Err(LeaseError::NotLeader)), "{result:?} after {took:?}");
+    assert!(took < Duration::from_secs(10), "the renewal waited {took:?} after the leader was deposed");
+    c.loopback.heal();
+    c.stop_all().await;
+}

@@ -38,6 +38,8 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stopping node keeps serving after its leaderships moved: clients re-read the
 /// partition map every second.
 const HANDOVER_LINGER: Duration = Duration::from_millis(1_500);
+/// How often a stopping node looks for leaderships that came back while it lingers.
+const HANDOVER_RECHECK_EVERY: Duration = Duration::from_millis(100);
 /// How often expiry and eviction (and rebalancing) run through the groups led here.
 const EXPIRY_EVERY: Duration = Duration::from_secs(1);
 /// The membership file in the data directory.
@@ -288,19 +290,27 @@ impl Cluster {
     }
 
     /// Before a planned stop: hands every leadership this node holds to an up-to-date
-    /// follower (at most [`HANDOVER_TIMEOUT`]), then waits [`HANDOVER_LINGER`] so clients
-    /// read the new map while this node still serves.
+    /// follower (at most [`HANDOVER_TIMEOUT`]), then keeps serving [`HANDOVER_LINGER`] so
+    /// clients read the new map, handing over again any leadership that comes back meanwhile.
     pub async fn hand_over(&self) {
         let Some(ready) = self.ready() else { return };
+        let started = tokio::time::Instant::now();
         for (name, ns) in &ready.namespaces {
             let left = ns.replicas.hand_over_leaderships(HANDOVER_TIMEOUT).await;
             if left > 0 {
                 tracing::warn!(namespace = %name, left, "leaderships not handed over in time");
             } else {
-                tracing::info!(namespace = %name, "leaderships handed over");
+                tracing::info!(namespace = %name, elapsed_ms = started.elapsed().as_millis() as u64, "leaderships handed over");
             }
         }
-        tokio::time::sleep(HANDOVER_LINGER).await;
+        let linger_until = tokio::time::Instant::now() + HANDOVER_LINGER;
+        while tokio::time::Instant::now() < linger_until {
+            for ns in ready.namespaces.values() {
+                let left = linger_until.saturating_duration_since(tokio::time::Instant::now());
+                ns.replicas.hand_over_leaderships(left).await;
+            }
+            tokio::time::sleep(HANDOVER_RECHECK_EVERY).await;
+        }
     }
 
     /// Stops the groups (their applied ids made durable) and the fabric. The engines stay
@@ -308,12 +318,14 @@ impl Cluster {
     pub async fn shutdown(&self) {
         if let Some(ready) = self.ready() {
             for (name, ns) in &ready.namespaces {
+                let started = tokio::time::Instant::now();
                 if let Err(e) = ns.replicas.shutdown().await {
                     tracing::error!(namespace = %name, "stopping the partition groups: {e}");
                 }
                 if let Err(e) = ns.replicas.log().flush_blocking() {
                     tracing::error!(namespace = %name, "flushing the raft log: {e}");
                 }
+                tracing::info!(namespace = %name, elapsed_ms = started.elapsed().as_millis() as u64, "partition groups stopped");
             }
         }
         self.fabric.shutdown();

@@ -211,7 +211,12 @@ fn a_cluster_serves_the_official_client_through_any_node() {
     assert!(status.success(), "the workload failed\n{}", c.logs());
     let report = std::fs::read_to_string(&out_file).unwrap();
     let v: serde_json::Value = serde_json::from_str(&report).unwrap();
-    println!("rolling restart: {} writes, {} errors", v["writes"], v["errors"].as_array().map_or(0, Vec::len));
+    println!(
+        "rolling restart: {} writes, {} errors: {:?}",
+        v["writes"],
+        v["errors"].as_array().map_or(0, Vec::len),
+        errors_of(&report)
+    );
     println!(
         "{}",
         run_python(

@@ -98,6 +98,8 @@ pub enum LeaseError {
     Fatal(Fatal<TypeConfig>),
     /// No quorum acknowledged a heartbeat in time (or the group is shutting down).
     Wait(WaitError),
+    /// This replica stopped leading while it waited (a leadership transfer, an election).
+    NotLeader,
 }
 
 impl fmt::Display for LeaseError {
@@ -105,6 +107,7 @@ impl fmt::Display for LeaseError {
         match self {
             LeaseError::Fatal(e) => write!(f, "renewing the write lease: {e}"),
             LeaseError::Wait(e) => write!(f, "renewing the write lease: {e}"),
+            LeaseError::NotLeader => write!(f, "renewing the write lease: no longer the leader"),
         }
     }
 }
@@ -121,9 +124,18 @@ where
 {
     let before = InstantOf::<TypeConfig>::now();
     raft.trigger().heartbeat().await.map_err(LeaseError::Fatal)?;
-    raft.wait(Some(timeout))
-        .metrics(|m| m.last_quorum_acked.is_some_and(|t| *t >= before), "a quorum acked a heartbeat")
+    // Also ends when this replica stops leading: a lost leadership acks no more heartbeats,
+    // and the writer should look for the new leader now, not after the whole timeout.
+    let m = raft
+        .wait(Some(timeout))
+        .metrics(
+            |m| m.last_quorum_acked.is_some_and(|t| *t >= before) || m.current_leader != Some(m.id),
+            "a quorum acked a heartbeat, or another replica leads",
+        )
         .await
         .map_err(LeaseError::Wait)?;
+    if m.current_leader != Some(m.id) {
+        return Err(LeaseError::NotLeader);
+    }
     Ok(())
 }
