@@ -36,6 +36,13 @@ pub const CLUSTER_HEARTBEAT_MS_DEFAULT: u64 = 750;
 /// twice this). openraft's leader lease is the longest election timeout (3.5 s): a failed
 /// leader's groups elect once it lapses, so writes resume within about 4 s.
 pub const CLUSTER_ELECTION_TIMEOUT_MS_DEFAULT: u64 = 1_750;
+/// Default time without a command after which a partition group led here sleeps, ms. Short:
+/// a uniform load over 4096 partitions touches each one every few seconds, and an awake group
+/// costs every one of its replicas a tick every 152 ms (openraft's tick is 13/64 of the
+/// heartbeat); a write to a sleeping group pays one heartbeat round first. Measured with 3
+/// nodes on 2 cores, 1 KiB updates: 1 s gave 1 548 writes/s at 32 clients (p99 56 ms) and
+/// 1 641 at 256 (p99 392 ms), against 846 (p99 124 ms) and 1 107 (p99 722 ms) with 10 s.
+pub const CLUSTER_IDLE_AFTER_MS_DEFAULT: u64 = 1_000;
 /// Default snapshot transfer rate, MB/s.
 pub const CLUSTER_SNAPSHOT_MB_PER_S_DEFAULT: u64 = 64;
 
@@ -59,6 +66,9 @@ pub struct ClusterConfig {
     /// Idle partition groups stop their timers (one liveness heartbeat per peer stands in).
     #[serde(default = "default_true")]
     pub hibernate: bool,
+    /// A group led here sleeps after this long without a write or read (with `hibernate`), ms.
+    #[serde(default = "default_idle_after_ms")]
+    pub idle_after_ms: u64,
     /// Raft heartbeat interval, ms.
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
@@ -77,6 +87,9 @@ pub struct ClusterConfig {
     pub log_kept_after_snapshot: u64,
 }
 
+fn default_idle_after_ms() -> u64 {
+    CLUSTER_IDLE_AFTER_MS_DEFAULT
+}
 fn default_snapshot_every_entries() -> u64 {
     peregrine_replication::node::SNAPSHOT_EVERY_ENTRIES
 }
