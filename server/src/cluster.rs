@@ -156,7 +156,6 @@ impl Cluster {
             idle_after: Duration::from_millis(c.idle_after_ms),
             elect_hold_after_wake: Duration::from_millis(c.election_timeout_ms * 2),
             elect_retry_every: Duration::from_millis(c.heartbeat_ms),
-            ..SleepConfig::default()
         });
         let period = Duration::from_millis(c.heartbeat_ms);
         let mut namespaces = BTreeMap::new();
