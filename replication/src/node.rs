@@ -160,8 +160,9 @@ struct NodeInner {
     liveness: Mutex<Liveness>,
     control: Arc<dyn ControlSender>,
     stopping: AtomicBool,
-    /// Set by [`ReplicaNode::hand_over_leaderships`]: peers are told this node is leaving.
-    leaving: AtomicBool,
+    /// Set by [`ReplicaNode::begin_leaving`]: peers are told this node is leaving. Read and
+    /// set under the lock, so no `Alive` decided before the change is sent after a `Leaving`.
+    leaving: std::sync::Mutex<bool>,
 }
 
 impl ReplicaNode {
@@ -235,7 +236,7 @@ impl ReplicaNode {
                 liveness,
                 control,
                 stopping: AtomicBool::new(false),
-                leaving: AtomicBool::new(false),
+                leaving: std::sync::Mutex::new(false),
             }),
         })
     }
@@ -353,10 +354,24 @@ impl ReplicaNode {
 
     /// Sends the node-level liveness heartbeat to every peer.
     pub fn send_alive(&self) {
-        let message =
-            if self.inner.leaving.load(Ordering::Acquire) { ControlMessage::Leaving } else { ControlMessage::Alive };
+        let leaving = self.inner.leaving.lock().unwrap_or_else(|p| p.into_inner());
+        self.send_liveness(*leaving);
+    }
+
+    fn send_liveness(&self, leaving: bool) {
+        let message = if leaving { ControlMessage::Leaving } else { ControlMessage::Alive };
         for &peer in self.inner.placement.nodes().iter().filter(|&&n| n != self.inner.id) {
             self.inner.control.send(self.inner.id, peer, message);
+        }
+    }
+
+    /// Before a planned stop: from now on this node's liveness heartbeats tell its peers it is
+    /// leaving (one goes out at once), and they hand it no leadership.
+    pub fn begin_leaving(&self) {
+        let mut leaving = self.inner.leaving.lock().unwrap_or_else(|p| p.into_inner());
+        if !*leaving {
+            *leaving = true;
+            self.send_liveness(true);
         }
     }
 
@@ -496,15 +511,13 @@ impl ReplicaNode {
         started
     }
 
-    /// Before a planned stop: tells the peers this node is leaving (from now on its liveness
-    /// heartbeats say so, and they hand it no leadership), transfers the leadership of every
-    /// group it leads to an up-to-date follower, and waits (at most `timeout`) until it leads
-    /// none. Returns how many groups it still leads. Call it again to hand over a leadership
-    /// that came back meanwhile (a peer's transfer decided before it heard this node leave).
+    /// Before a planned stop: [`ReplicaNode::begin_leaving`], then transfers the leadership of
+    /// every group this node leads to an up-to-date follower, and waits (at most `timeout`)
+    /// until it leads none. Returns how many groups it still leads. Call it again to hand over
+    /// a leadership that came back meanwhile (a peer's transfer decided before it heard this
+    /// node leave).
     pub async fn hand_over_leaderships(&self, timeout: Duration) -> usize {
-        if !self.inner.leaving.swap(true, Ordering::AcqRel) {
-            self.send_alive();
-        }
+        self.begin_leaving();
         let deadline = Instant::now() + timeout;
         loop {
             let led: Vec<&Group> = self.groups().filter(|g| g.leader() == Some(self.inner.id)).collect();

@@ -650,8 +650,8 @@ async fn a_lease_renewal_ends_when_the_leader_is_deposed() {
     let mut c = Cluster::start(pids(1), fast_timers(), [0, 0, 0]).await;
     let pid = c.partitions[0];
     let leader = c.leader(pid, Duration::from_secs(10)).await.expect("the group elects");
-    let old = c.nodes.iter().find(|(_, n)| n.group(pid).is_some_and(|g| g.is_ready_leader())).map(|(id, _)| *id);
-    let old = old.expect("a node leads");
+    let old = leader.raft().metrics().borrow_watched().id;
+    assert_eq!(leader.leader(), Some(old), "the replica found leading still leads");
     // The leader's messages are lost; it still hears the others. The followers elect a new
     // leader, whose messages depose the old one.
     for other in [1, 2, 3].into_iter().filter(|&n| n != old) {

@@ -295,6 +295,9 @@ impl Cluster {
     pub async fn hand_over(&self) {
         let Some(ready) = self.ready() else { return };
         let started = tokio::time::Instant::now();
+        for ns in ready.namespaces.values() {
+            ns.replicas.begin_leaving();
+        }
         for (name, ns) in &ready.namespaces {
             let left = ns.replicas.hand_over_leaderships(HANDOVER_TIMEOUT).await;
             if left > 0 {

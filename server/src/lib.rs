@@ -74,8 +74,9 @@ pub async fn run(
     engines: Vec<(String, Engine)>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    // The metrics port is bound first: once clients can connect, nothing left to bind can fail
-    // and take the node down again.
+    // The metrics port is bound first, so a taken metrics port stops the node before clients
+    // can connect. (In a cluster the fabric port is still bound after the client port, by
+    // `Cluster::start`: a taken fabric port stops a node clients may have reached.)
     let metrics_listener = bind_metrics(&config)?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await

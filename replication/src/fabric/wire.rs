@@ -16,8 +16,9 @@ use crate::types::{Command, SnapshotMeta, TypeConfig};
 
 /// First bytes of a hello body: "PGFB".
 pub const HELLO_MAGIC: u32 = 0x5047_4642;
-/// The fabric protocol version; a peer with another one is refused at hello.
-pub const FABRIC_VERSION: u16 = 1;
+/// The fabric protocol version; a peer with another one is refused at hello. 2: the
+/// `Leaving` control message (a version-1 peer could not decode it).
+pub const FABRIC_VERSION: u16 = 2;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 13;
 /// Largest frame body accepted: an append of [`crate::node::APPEND_ENTRIES_MAX`] entries of

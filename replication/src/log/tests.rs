@@ -554,7 +554,10 @@ fn power_cut_at_every_write_keeps_every_acknowledged_write() {
         forget_devices(dir.path());
         counter.load(Ordering::Relaxed)
     };
-    assert!(total_writes > 20, "the script makes {total_writes} writes");
+    // Enough device writes to cut the power at many different points. (How many depends on
+    // timing: flushes that meet merge into one write, and a loaded machine merges more: 19 was
+    // seen beside the rest of the test suite.)
+    assert!(total_writes >= 10, "the script makes {total_writes} writes");
     let mut recoveries = 0;
     for k in 0..total_writes {
         let dir = tempdir();

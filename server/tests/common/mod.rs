@@ -58,6 +58,8 @@ impl Server {
         let child = Command::new(env!("CARGO_BIN_EXE_peregrine"))
             .arg("--config")
             .arg(&config)
+            // `wait_ready` looks for an INFO line, whatever RUST_LOG the tests run with.
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
