@@ -422,9 +422,16 @@ async fn a_leader_change_with_writes_in_flight_applies_each_write_once_or_report
     tokio::time::sleep(Duration::from_millis(50)).await;
     c.loopback.set_down(leader_id, true);
     let (mut ok, mut failed, mut in_doubt) = (0i64, 0i64, 0i64);
+    // The generation each acknowledged write was given: a failure names the missing one.
+    let mut acked_generations = Vec::new();
     for t in tasks {
         match t.await.unwrap() {
-            Ok(_) => ok += 1,
+            Ok(applied) => {
+                ok += 1;
+                if let Applied::Written(meta) = applied {
+                    acked_generations.push(meta.generation);
+                }
+            }
             Err(WriteError::Refused(_) | WriteError::NotLeader { .. } | WriteError::NotReady) => failed += 1,
             Err(WriteError::InDoubt(_) | WriteError::Fatal(_)) => in_doubt += 1,
         }
@@ -435,7 +442,11 @@ async fn a_leader_change_with_writes_in_flight_applies_each_write_once_or_report
     let applied = counter_of(Some(peregrine_engine::Existing { meta: r.meta, record: Some(&r) }));
     eprintln!("in flight across a leader change: {ok} ok, {failed} failed, {in_doubt} in doubt; {applied} applied");
     assert_eq!(i64::from(r.meta.generation), applied, "each applied write is one version");
-    assert!(applied >= ok, "every acknowledged write is applied ({applied} < {ok})");
+    acked_generations.sort_unstable();
+    assert!(
+        applied >= ok,
+        "every acknowledged write is applied ({applied} < {ok}); acknowledged generations {acked_generations:?}"
+    );
     assert!(applied <= ok + in_doubt, "no failed write is applied ({applied} > {ok} + {in_doubt})");
     c.stop_all().await;
 }
