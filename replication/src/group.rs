@@ -596,7 +596,11 @@ impl Group {
         let term = self.inner.leader.lock().unwrap_or_else(|p| p.into_inner()).term.unwrap_or_default();
         let (responder, response) = ProgressResponder::complete_only();
         let command = Command::from_versions(std::slice::from_ref(&version));
-        let submitted = self.inner.raft.client_write_ff(command, Some(responder)).await;
+        // Only in the term the version was decided in: a leader that lost its term and leads
+        // again must not append it after the new term's first entry, where the versions
+        // decided in the new term, over an engine that does not hold it yet, would race it (two
+        // writes decided over the same version, both acknowledged). Refused, it is not appended.
+        let submitted = self.inner.raft.write(command).responder(responder).with_leader(term).await;
         drop(submit);
         if let Err(fatal) = submitted {
             self.unpend(&digest, term, lut);
