@@ -15,33 +15,13 @@ echo "=== etcd"
 CLIENT_LEVELS="32 256" VAL=1024 SECS=10 READ_CLIENTS=64 CHECK_PERF=0 bash ../shared/peers/etcd.sh 2>&1 | tail -12
 quiet_check between
 echo "=== peregrine"
-rm -rf "$DIR"
-mkdir -p "$DIR"
-for i in 1 2 3; do
-  cat >"$DIR/node-$i.toml" <<TOML
-[server]
-listen = "127.0.0.1:310$((i - 1))0"
-data_dir = "$DIR/node-$i"
-metrics_listen = "127.0.0.1:310$((i - 1))2"
-pin_io_threads = false
-
-[cluster]
-node_id = $i
-fabric_listen = "127.0.0.1:310$((i - 1))1"
-seeds = ["127.0.0.1:31001", "127.0.0.1:31011", "127.0.0.1:31021"]
-replication_factor = 3
-TOML
-done
+source bench/sitting/nodes.sh
+write_configs "$DIR"
 H=127.0.0.1:31000,127.0.0.1:31010,127.0.0.1:31020
 B="./target/release/peregrine-bench --hosts $H --keys 100000 --object-size 1024 --quiet"
-declare -A P
-t0=$(date +%s.%N)
-for i in 1 2 3; do
-  ./target/release/peregrine --config "$DIR/node-$i.toml" 2>>"$DIR/node-$i.log" &
-  P[$i]=$!
-done
+start_nodes "$DIR"
 trap 'for p in "${P[@]}"; do kill "$p" 2>/dev/null; done' EXIT
-target/pyvenv/bin/python bench/sitting/wait_ready.py "$t0" 31000,31010,31020
+target/pyvenv/bin/python bench/sitting/wait_ready.py "$T0" 31000,31010,31020
 for c in 32 256; do
   echo "--- replicated updates (1 KiB), $c clients, 10 s"
   $B --workload RU,0 --concurrency "$c" --duration 10 | grep -v "^{"
@@ -53,17 +33,17 @@ $B --workload RU,100 --concurrency 64 --duration 10 | grep -v "^{"
 echo "--- idle: 40 s for the groups to sleep, then CPU over 20 s"
 sleep 40
 declare -A A
-for i in 1 2 3; do A[$i]=$(awk '{print $14+$15}' "/proc/${P[$i]}/stat"); done
+for i in 1 2 3; do A[$i]=$(awk '{print $14+$15}' "/proc/${P[$((i - 1))]}/stat"); done
 sleep 20
 hz=$(getconf CLK_TCK)
 for i in 1 2 3; do
-  b=$(awk '{print $14+$15}' "/proc/${P[$i]}/stat")
-  echo "node $i: idle CPU $(echo "scale=1; ($b - ${A[$i]}) * 100 / $hz / 20" | bc)% of a core, $(grep VmRSS "/proc/${P[$i]}/status")"
+  b=$(awk '{print $14+$15}' "/proc/${P[$((i - 1))]}/stat")
+  echo "node $i: idle CPU $(echo "scale=1; ($b - ${A[$i]}) * 100 / $hz / 20" | bc)% of a core, $(grep VmRSS "/proc/${P[$((i - 1))]}/status")"
 done
 echo "--- kill -9 of node 3 at 10 s, 32 clients RU,50, 30 s"
 ./target/release/peregrine-bench --hosts $H --keys 100000 --object-size 1024 --duration 30 --concurrency 32 --workload RU,50 &
 bp=$!
 sleep 10
-kill -9 "${P[3]}"
+kill -9 "${P[2]}"
 echo "killed node 3"
 wait "$bp"

@@ -8,31 +8,11 @@ set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 IDLE_MS=$1 CLIENTS=$2
 D=${DIR:-/var/tmp/peregrine-idle-after}
-rm -rf "$D"
-mkdir -p "$D"
-for i in 1 2 3; do
-  cat >"$D/node-$i.toml" <<TOML
-[server]
-listen = "127.0.0.1:310$((i - 1))0"
-data_dir = "$D/node-$i"
-metrics_listen = "127.0.0.1:310$((i - 1))2"
-pin_io_threads = false
-
-[cluster]
-node_id = $i
-fabric_listen = "127.0.0.1:310$((i - 1))1"
-seeds = ["127.0.0.1:31001", "127.0.0.1:31011", "127.0.0.1:31021"]
-idle_after_ms = $IDLE_MS
-TOML
-done
-t0=$(date +%s.%N)
-P=()
-for i in 1 2 3; do
-  ./target/release/peregrine --config "$D/node-$i.toml" 2>>"$D/node-$i.log" &
-  P+=($!)
-done
+source bench/sitting/nodes.sh
+write_configs "$D" "idle_after_ms = $IDLE_MS"
+start_nodes "$D"
 trap 'kill "${P[@]}" 2>/dev/null; wait' EXIT
-target/pyvenv/bin/python bench/sitting/wait_ready.py "$t0" 31000,31010,31020
+target/pyvenv/bin/python bench/sitting/wait_ready.py "$T0" 31000,31010,31020
 sleep 25
 ticks() { local t=0 p; for p in "${P[@]}"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo $t; }
 a=$(ticks)
